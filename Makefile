@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+AN4_ROOT ?= data/an4
+export AN4_ROOT
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all bench install clean
+
+# The stamp is newer than pyproject.toml once the install has succeeded, so a second run installs nothing.
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m csprune.demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+test-all: $(STAMP)
+	$(VPY) -m pytest -q -m ''
+
+bench: $(STAMP)
+	$(VPY) bench/support_error.py
+	$(VPY) bench/solvers.py
+	$(VPY) bench/overhead.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

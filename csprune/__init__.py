@@ -1,0 +1,3 @@
+"""csprune: compressed-sensing-based pruning for PyTorch models."""
+
+__version__ = "0.1.0"
