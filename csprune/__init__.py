@@ -1,3 +1,23 @@
-"""csprune: compressed-sensing-based pruning for PyTorch models."""
+"""csprune: compressed-sensing-based pruning for PyTorch models.
+
+Public API (DESIGN §2)::
+
+    pruner = csprune.Pruner(model, method=csprune.methods.CSP(), schedule=csprune.schedules.Cubic(0.9, 0, 2000, 100))
+    csprune.prune_once(model, csprune.methods.Magnitude(), sparsity=0.7)
+    csprune.save_sparse(model, "model.safetensors"); csprune.load_sparse("model.safetensors")
+"""
 
 __version__ = "0.1.0"
+
+from . import methods, schedules, solvers  # noqa: E402
+from .pruner import Pruner, prune_once  # noqa: E402
+
+__all__ = ["Pruner", "prune_once", "methods", "schedules", "solvers", "__version__"]
+
+try:  # the sparse checkpoint format (csprune.export) is optional while it is being built
+    from .errors import CheckpointError, CsPruneError  # noqa: E402
+    from .export import inspect_sparse, load_sparse, save_sparse  # noqa: E402
+
+    __all__ += ["save_sparse", "load_sparse", "inspect_sparse", "CheckpointError", "CsPruneError"]
+except ImportError:  # pragma: no cover
+    pass

@@ -1,0 +1,126 @@
+"""CSP: compressed-sensing-based pruning (DESIGN §3).
+
+For each row w_i of a target's row view, CSP recovers a sparse θ_i that explains
+the same measurements Φw_i:
+
+    θ_i = argmin_θ ½(w_i − θ)ᵀ G (w_i − θ)   s.t. ‖θ‖₀ ≤ k_i      (omp, sklearn)
+        or the ℓ1 relaxation with λ_i bisected to the budget     (fista, cvxpy)
+
+with G = ΦᵀΦ from the chosen sensing. The per-row budgets k_i come from ranking
+the saliency |w_ij|·sqrt(G_jj) within the scope (row / layer / global), so a
+layer's non-zeros go to the rows whose outputs need them. The mask is the
+support (top-k_i of |θ|, ties broken by |w|) and the kept weights are the
+least-squares refit on it, written back into the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..solvers import SOLVERS, refit, solve
+from .base import LayerContext, Method, Selection, nm_keep, rank_keep
+from .refit import relative_error
+from .sensing import SENSINGS, grouped_xy, sensing_gram
+
+__all__ = ["CSP"]
+
+log = logging.getLogger("csprune")
+
+
+class CSP(Method):
+    """Compressed-sensing pruning.
+
+    Args:
+        sensing: "activations" (Φ = the layer's inputs), "gaussian" or "identity".
+        solver: one of ``csprune.solvers.SOLVERS``.
+        damping: δ in G + δ·mean(diag G)·I; 1% keeps G well conditioned without
+            changing which weights matter (DESIGN §3 measurements used it).
+        gaussian_ratio: ρ = m/n for gaussian sensing (0.5: half as many measurements as unknowns).
+        train_l1: λ_train of ``Pruner.penalty()``: λ_train·Σ‖W‖₁ over targets, annealed to 0 by
+            the end of the schedule (0: off, training is left alone).
+        solver_options: extra keyword arguments for ``csprune.solvers.solve``.
+    """
+
+    name = "csp"
+
+    def __init__(
+        self,
+        sensing: str = "activations",
+        solver: str = "omp",
+        damping: float = 0.01,
+        gaussian_ratio: float = 0.5,
+        train_l1: float = 0.0,
+        solver_options: dict | None = None,
+    ):
+        if sensing not in SENSINGS:
+            raise ValueError(f"sensing={sensing!r}: expected one of {SENSINGS}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver={solver!r}: expected one of {SOLVERS}")
+        if damping < 0:
+            raise ValueError(f"damping={damping}: must be >= 0")
+        if not 0 < gaussian_ratio:
+            raise ValueError(f"gaussian_ratio={gaussian_ratio}: must be > 0")
+        self.sensing = sensing
+        self.solver = solver
+        self.damping = damping
+        self.gaussian_ratio = gaussian_ratio
+        self.train_l1 = float(train_l1)
+        self.solver_options = dict(solver_options or {})
+        self.stats_mode = "full" if sensing == "activations" else None
+
+    def _gram(self, rows: torch.Tensor, ctx: LayerContext) -> tuple[torch.Tensor, str]:
+        cached = ctx.state.get("_gram")
+        if cached is None or cached[2] != ctx.step:
+            gram, used = sensing_gram(ctx, rows.shape[1], self.sensing, self.damping, self.gaussian_ratio, rows.device)
+            cached = (gram.to(rows.dtype), used, ctx.step)
+            ctx.state["_gram"] = cached
+        return cached[0], cached[1]
+
+    def score(self, rows, ctx):
+        gram, _ = self._gram(rows, ctx)
+        g = gram.shape[0]
+        o, n = rows.shape
+        scale = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()  # [g, n]
+        return (rows.abs().reshape(g, o // g, n) * scale.unsqueeze(1)).reshape(o, n)
+
+    def select(self, rows, keep, ctx):
+        gram, used = self._gram(rows, ctx)
+        ctx.state.pop("_gram", None)  # do not hold an n×n matrix per tensor between steps
+        xy = grouped_xy(gram, rows)
+        k_rows = keep.sum(1)
+        options = dict(self.solver_options)
+        if self.solver in ("fista", "cvxpy") and ctx.state.get("lam") is not None:
+            options.setdefault("lam_init", ctx.state["lam"])
+        start = time.perf_counter()
+        result = solve(gram, xy, k=k_rows, solver=self.solver, **options)
+        seconds = time.perf_counter() - start
+        if result.lam is not None:
+            ctx.state["lam"] = result.lam.detach()
+        if not result.converged:
+            log.warning("csprune: %s solver did not converge on %s (gap %.3g after %d iterations)",
+                        self.solver, ctx.target.fqn, result.gap, result.n_iter)
+        theta = result.coef.to(rows.dtype)
+        # Support = largest |θ|; rows where θ has fewer non-zeros than the budget fill up by |w|.
+        abs_theta, abs_w = theta.abs(), rows.abs()
+        key = torch.where(
+            theta != 0,
+            1.0 + abs_theta / abs_theta.amax().clamp_min(1e-30),
+            0.999 * abs_w / abs_w.amax().clamp_min(1e-30),
+        )
+        key = key.masked_fill(~ctx.allowed, -1.0)
+        mask = nm_keep(key, *ctx.pattern) if ctx.pattern else rank_keep(key, k_rows)
+        values = theta if torch.equal(mask, theta != 0) else refit(gram, xy, mask)
+        info = {
+            "solver_iters": float(result.n_iter),
+            "solver_gap": float(result.gap),
+            "solver_seconds": seconds,
+            "rel_error": relative_error(gram, rows, values),
+            "sensing": used,
+        }
+        return Selection(mask, values, info)
+
+    def extra_repr(self):
+        return f"sensing={self.sensing!r}, solver={self.solver!r}"

@@ -1,0 +1,322 @@
+"""Input statistics of target layers, gathered by forward hooks.
+
+For each target the collector accumulates, per row group,
+
+* ``full`` mode: ``S = Σ x xᵀ`` ([g, n, n]) and the sample count, so that
+  ``G = S / count = E[x xᵀ]`` is the activation Gram matrix CSP senses with;
+* ``diag`` mode: only ``Σ x²`` ([g, n]), all that Wanda needs (‖x_j‖).
+
+Here ``x`` is the input one output row reads: a Linear's input vector, an unfolded
+conv patch (positions subsampled to bound the cost), the query/key/value of an
+attention in-projection, an RNN's layer input (``weight_ih_l0``) or output
+(``weight_hh`` of the last layer). Tensors whose inputs a hook cannot see
+(``MultiheadAttention.out_proj``, which is never called as a module; inner RNN
+layers; transposed convs) simply have no statistics: callers fall back and say so.
+
+Sums are kept in float64 so long windows do not lose precision; under DDP they are
+all-reduced (:meth:`InputStats.all_reduce`) so every rank computes the same masks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .targets import Target
+
+__all__ = ["InputStats"]
+
+
+class _Accumulator:
+    """Running Σxxᵀ (or Σx²) and counts for one target, per row group."""
+
+    def __init__(self, groups: int, n: int, full: bool, device: torch.device):
+        shape = (groups, n, n) if full else (groups, n)
+        self.sum = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.count = torch.zeros(groups, dtype=torch.float64, device=device)
+        self.full = full
+
+    def add(self, x: torch.Tensor, group: int | None = None) -> None:
+        """Add samples.
+
+        Args:
+            x: [N, n] samples for one group (``group`` given) or [N, g, n] for all groups.
+            group: group index, or None when ``x`` carries every group.
+        """
+        x = x.detach().float()
+        if group is None:
+            if self.full:
+                self.sum += torch.einsum("bgi,bgj->gij", x, x).double()
+            else:
+                self.sum += (x * x).sum(0).double()
+            self.count += x.shape[0]
+        else:
+            if self.full:
+                self.sum[group] += (x.T @ x).double()
+            else:
+                self.sum[group] += (x * x).sum(0).double()
+            self.count[group] += x.shape[0]
+
+
+def _subsample(x: torch.Tensor, limit: int) -> torch.Tensor:
+    """Deterministic strided subsample of the leading dim to at most ``limit`` rows (no RNG state)."""
+    n = x.shape[0]
+    if n <= limit:
+        return x
+    stride = math.ceil(n / limit)
+    return x[::stride]
+
+
+def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Unfold a conv input into patches.
+
+    Args:
+        module: the conv.
+        x: [B, C, L] (Conv1d) or [B, C, H, W] (Conv2d); unbatched inputs are accepted.
+
+    Returns:
+        [B·positions, g, C/g·prod(kernel)], ordered like ``weight.reshape(out, -1)``.
+    """
+    spatial = 1 if isinstance(module, nn.Conv1d) else 2
+    if x.dim() == spatial + 1:
+        x = x.unsqueeze(0)
+    if spatial == 1:
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, module.kernel_size[0]), (1, module.stride[0]), (1, module.dilation[0])
+        pad = module.padding if isinstance(module.padding, str) else (0, module.padding[0])
+    else:
+        kernel, stride, dilation, pad = module.kernel_size, module.stride, module.dilation, module.padding
+    if isinstance(pad, str):  # "same" / "valid"
+        if pad == "valid":
+            pad = (0, 0)
+        else:
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            x = F.pad(x, (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2))
+            pad = (0, 0)
+    if module.padding_mode != "zeros" and any(pad):
+        mode = "circular" if module.padding_mode == "circular" else module.padding_mode
+        x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]), mode=mode)
+        pad = (0, 0)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=pad, stride=stride)  # [B, C·k, P]
+    b, ck, p = cols.shape
+    g = module.groups
+    return cols.permute(0, 2, 1).reshape(b * p, g, ck // g)
+
+
+class InputStats:
+    """Forward-hook collector of per-target input statistics.
+
+    Args:
+        targets: the targets to observe.
+        mode: "full" (Gram matrices, for CSP) or "diag" (squared norms, for Wanda).
+        max_positions: cap on samples taken from one forward call of one module;
+            conv patches and long sequences are strided down to it, so a window of
+            a few batches costs a bounded amount whatever the input size (4096 keeps
+            a 1024-wide Gram update under ~10 GFLOP).
+
+    Collection is off until :attr:`enabled` is set; the hooks stay registered
+    and return at once while disabled, so toggling costs nothing.
+    """
+
+    def __init__(self, targets: list[Target], mode: str = "full", max_positions: int = 4096):
+        if mode not in ("full", "diag"):
+            raise ValueError(f"mode={mode!r}: expected 'full' or 'diag'")
+        self.targets = targets
+        self.mode = mode
+        self.max_positions = max_positions
+        self.enabled = False
+        self._acc: dict[str, _Accumulator] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self) -> "InputStats":
+        """Register one hook per module that owns observable targets."""
+        by_module: dict[int, list[Target]] = {}
+        modules: dict[int, nn.Module] = {}
+        for t in self.targets:
+            by_module.setdefault(id(t.module), []).append(t)
+            modules[id(t.module)] = t.module
+        for key, targets in by_module.items():
+            module = modules[key]
+            observer = self._observer(module, targets)
+            if observer is None:
+                continue
+            fn, kind = observer
+            if kind == "pre":
+                h = module.register_forward_pre_hook(fn, with_kwargs=True)
+            else:
+                h = module.register_forward_hook(fn, with_kwargs=True)
+            self._handles.append(h)
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _acc_for(self, target: Target, n: int, device: torch.device) -> _Accumulator:
+        acc = self._acc.get(target.fqn)
+        if acc is None:
+            acc = _Accumulator(target.groups, n, self.mode == "full", device)
+            self._acc[target.fqn] = acc
+        return acc
+
+    def _observer(self, module: nn.Module, targets: list[Target]) -> tuple[Callable, str] | None:
+        cap = lambda x: _subsample(x, self.max_positions)  # noqa: E731
+        t0 = targets[0]
+        if t0.kind == "linear":
+
+            def linear_hook(mod, args, kwargs):
+                if self.enabled and args:
+                    x = args[0]
+                    x = cap(x.reshape(-1, x.shape[-1]))
+                    self._acc_for(t0, x.shape[-1], x.device).add(x, 0)
+
+            return linear_hook, "pre"
+        if t0.kind == "conv":
+
+            def conv_hook(mod, args, kwargs):
+                if self.enabled and args:
+                    patches = cap(_conv_patches(mod, args[0]))
+                    self._acc_for(t0, patches.shape[-1], patches.device).add(patches)
+
+            return conv_hook, "pre"
+        if t0.kind.startswith("mha"):
+
+            def mha_hook(mod, args, kwargs):
+                if not self.enabled:
+                    return
+                names = ("query", "key", "value")
+                qkv = [args[i] if len(args) > i else kwargs.get(names[i]) for i in range(3)]
+                flat = {}
+                for i, x in enumerate(qkv):
+                    if x is None:
+                        continue
+                    key = id(x)
+                    if key not in flat:
+                        flat[key] = cap(x.reshape(-1, x.shape[-1]))
+                for t in targets:
+                    if t.kind == "mha_in":
+                        for i, x in enumerate(qkv):
+                            if x is not None:
+                                xs = flat[id(x)]
+                                self._acc_for(t, xs.shape[-1], xs.device).add(xs, i)
+                    else:
+                        x = qkv["qkv".index(t.kind[-1])]
+                        if x is not None:
+                            xs = flat[id(x)]
+                            self._acc_for(t, xs.shape[-1], xs.device).add(xs, 0)
+
+            return mha_hook, "pre"
+        if t0.kind == "rnn":
+            rnn: nn.RNNBase = module
+            directions = 2 if rnn.bidirectional else 1
+            last = rnn.num_layers - 1
+            h_out = rnn.proj_size if getattr(rnn, "proj_size", 0) else rnn.hidden_size
+            observable = {}
+            for t in targets:
+                part, layer, reverse = t.param_name.split("_")[1], int(t.param_name.split("_l")[1].split("_")[0]), t.param_name.endswith("_reverse")
+                if part == "ih" and layer == 0:
+                    observable[t.fqn] = ("input", 0)
+                elif part == "hh" and layer == last:
+                    observable[t.fqn] = ("output", int(reverse))
+            if not observable:
+                return None
+
+            def rnn_hook(mod, args, kwargs, output):
+                if not self.enabled or not args:
+                    return
+                x_in = args[0]
+                x_in = x_in.data if isinstance(x_in, nn.utils.rnn.PackedSequence) else x_in
+                y = output[0]
+                y = y.data if isinstance(y, nn.utils.rnn.PackedSequence) else y
+                for t in targets:
+                    src = observable.get(t.fqn)
+                    if src is None:
+                        continue
+                    if src[0] == "input":
+                        x = x_in.reshape(-1, x_in.shape[-1])
+                    else:
+                        d = src[1]
+                        x = y.reshape(-1, directions * h_out)[:, d * h_out:(d + 1) * h_out]
+                    x = cap(x)
+                    self._acc_for(t, x.shape[-1], x.device).add(x, 0)
+
+            return rnn_hook, "post"
+        return None  # conv_transpose, embedding: inputs not observed
+
+    # ------------------------------------------------------------ statistics
+    def observed(self, target: Target) -> bool:
+        """Whether every row group of ``target`` has at least one sample."""
+        acc = self._acc.get(target.fqn)
+        return acc is not None and bool((acc.count > 0).all())
+
+    def _mean(self, target: Target) -> torch.Tensor | None:
+        acc = self._acc.get(target.fqn)
+        if acc is None or not bool((acc.count > 0).all()):
+            return None
+        if not torch.isfinite(acc.sum).all():
+            raise FloatingPointError(f"input statistics of {target.fqn} contain NaN/Inf (non-finite activations)")
+        shape = (-1,) + (1,) * (acc.sum.dim() - 1)
+        return (acc.sum / acc.count.view(shape)).float()
+
+    def gram(self, target: Target) -> torch.Tensor | None:
+        """E[x xᵀ] per row group, [g, n, n] float32, or None when unobserved."""
+        if self.mode != "full":
+            raise RuntimeError("gram() needs mode='full'")
+        return self._mean(target)
+
+    def sq_norms(self, target: Target) -> torch.Tensor | None:
+        """E[x_j²] per row group, [g, n] float32, or None when unobserved."""
+        mean = self._mean(target)
+        if mean is None:
+            return None
+        return mean if self.mode == "diag" else torch.diagonal(mean, dim1=-2, dim2=-1)
+
+    def reset(self) -> None:
+        """Drop all accumulated statistics (after each pruning step)."""
+        self._acc.clear()
+
+    def nbytes(self) -> int:
+        """Bytes held by the accumulators (reported; bounded by the targets' widths)."""
+        return sum(a.sum.numel() * a.sum.element_size() + a.count.numel() * 8 for a in self._acc.values())
+
+    def all_reduce(self, group=None) -> None:
+        """Sum statistics over DDP ranks (no-op unless torch.distributed is initialized)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for t in self.targets:
+            acc = self._acc.get(t.fqn)
+            flag = torch.tensor([1.0 if acc is not None else 0.0], device=self._device_hint())
+            torch.distributed.all_reduce(flag, group=group)
+            if flag.item() == 0:
+                continue
+            if acc is None:  # this rank saw nothing but others did: contribute zeros
+                o, n = t.row_shape
+                acc = self._acc_for(t, n, self._device_hint())
+            torch.distributed.all_reduce(acc.sum, group=group)
+            torch.distributed.all_reduce(acc.count, group=group)
+
+    def _device_hint(self) -> torch.device:
+        return self.targets[0].weight.device
+
+    def state_dict(self) -> dict:
+        """Accumulated sums and counts, keyed by target fqn (for exact resume)."""
+        return {fqn: {"sum": a.sum.clone(), "count": a.count.clone()} for fqn, a in self._acc.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._acc.clear()
+        by_fqn = {t.fqn: t for t in self.targets}
+        for fqn, s in state.items():
+            if fqn not in by_fqn:
+                raise KeyError(f"statistics for {fqn!r}, which is not a target of this pruner")
+            t = by_fqn[fqn]
+            acc = _Accumulator(t.groups, s["sum"].shape[1], self.mode == "full", t.weight.device)
+            acc.sum.copy_(s["sum"])
+            acc.count.copy_(s["count"])
+            self._acc[fqn] = acc
