@@ -10,14 +10,12 @@ Public API (DESIGN §2)::
 __version__ = "0.1.0"
 
 from . import methods, schedules, solvers  # noqa: E402
+from .errors import CheckpointError, CsPruneError  # noqa: E402
+from .export import inspect_sparse, load_sparse, read_sparse_meta, save_sparse  # noqa: E402
 from .pruner import Pruner, prune_once  # noqa: E402
 
-__all__ = ["Pruner", "prune_once", "methods", "schedules", "solvers", "__version__"]
-
-try:  # the sparse checkpoint format (csprune.export) is optional while it is being built
-    from .errors import CheckpointError, CsPruneError  # noqa: E402
-    from .export import inspect_sparse, load_sparse, save_sparse  # noqa: E402
-
-    __all__ += ["save_sparse", "load_sparse", "inspect_sparse", "CheckpointError", "CsPruneError"]
-except ImportError:  # pragma: no cover
-    pass
+__all__ = [
+    "Pruner", "prune_once", "methods", "schedules", "solvers",
+    "save_sparse", "load_sparse", "inspect_sparse", "read_sparse_meta", "CheckpointError", "CsPruneError",
+    "__version__",
+]

@@ -31,7 +31,7 @@ class MaskParametrization(nn.Module):
         self.register_buffer("mask", mask.to(torch.bool), persistent=False)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
+        return torch.where(self.mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))  # +0.0, never -0.0
 
 
 def _find(module: nn.Module, name: str) -> MaskParametrization | None:
@@ -95,13 +95,13 @@ def enforce_zeros(module: nn.Module, name: str, optimizer: torch.optim.Optimizer
     """
     mask = get_mask(module, name)
     original = original_param(module, name)
-    original.mul_(mask)
+    original.masked_fill_(~mask, 0.0)  # +0.0: a -0.0 would cost a sign bit in the sparse export
     if optimizer is not None:
         state = optimizer.state.get(original)
         if state:
             for value in state.values():
                 if torch.is_tensor(value) and value.shape == mask.shape:
-                    value.mul_(mask)
+                    value.masked_fill_(~mask, 0)
 
 
 def squash_mask(module: nn.Module, name: str) -> None:

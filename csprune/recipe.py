@@ -1,0 +1,252 @@
+"""Glue both recipes share: prune config -> Pruner, seeding, progress, metrics files.
+
+The recipes pass plain dicts (``OmegaConf.to_container`` of their Hydra configs),
+so this module stays free of Hydra. The keys of a prune config (``conf/prune/*.yaml``):
+
+=============  ==============================================================
+method         csp | magnitude | gmp | wanda | random
+sparsity       final fraction of zeros
+schedule       oneshot | cubic | linear
+ramp_epochs    epochs of fine-tuning over which a gradual schedule ramps up
+frequency      steps between mask updates of a gradual schedule
+scope          row | layer | global
+pattern        unstructured | N:M
+targets        fqn globs (None: the recipe's default), exclude: globs
+sensing, solver, damping, gaussian_ratio, train_l1, solver_options   (csp)
+refit, damping (magnitude, wanda); seed (random)
+stats_steps, regrow, calib_batches, finetune_epochs, lr
+=============  ==============================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+from .methods import CSP, Magnitude, Method, Random, Wanda
+from .pruner import Pruner
+from .schedules import Cubic, Linear, OneShot, Schedule
+
+__all__ = ["build_method", "build_schedule", "build_pruner", "validate_prune_config", "fit", "warmup_cosine",
+           "seed_everything", "progress", "write_json", "is_tty"]
+
+
+def build_method(p: Mapping[str, Any]) -> Method:
+    """Method object from a prune config."""
+    name = p["method"]
+    if name == "csp":
+        return CSP(
+            sensing=p.get("sensing", "activations"),
+            solver=p.get("solver", "omp"),
+            damping=p.get("damping", 0.01),
+            gaussian_ratio=p.get("gaussian_ratio", 0.5),
+            train_l1=p.get("train_l1", 0.0),
+            solver_options=dict(p.get("solver_options") or {}),
+        )
+    if name in ("magnitude", "gmp"):
+        return Magnitude(refit=p.get("refit", False), damping=p.get("damping", 0.01))
+    if name == "wanda":
+        return Wanda(refit=p.get("refit", False), damping=p.get("damping", 0.01))
+    if name == "random":
+        return Random(seed=p.get("seed", 0))
+    raise ValueError(f"prune.method={name!r}: expected csp, magnitude, gmp, wanda or random")
+
+
+def build_schedule(p: Mapping[str, Any], start_step: int, steps_per_epoch: int) -> Schedule:
+    """Schedule object from a prune config, in optimizer steps counted from ``start_step``."""
+    kind = p.get("schedule", "oneshot")
+    sparsity = p["sparsity"]
+    if kind == "oneshot":
+        return OneShot(sparsity, step=start_step)
+    ramp = max(1, int(round(p.get("ramp_epochs", 1) * steps_per_epoch)))
+    cls = {"cubic": Cubic, "linear": Linear}.get(kind)
+    if cls is None:
+        raise ValueError(f"prune.schedule={kind!r}: expected oneshot, cubic or linear")
+    return cls(final_sparsity=sparsity, start_step=start_step, end_step=start_step + ramp,
+               frequency=max(1, min(int(p.get("frequency", 100)), ramp)))
+
+
+def build_pruner(model: torch.nn.Module, p: Mapping[str, Any], optimizer: torch.optim.Optimizer | None,
+                 start_step: int, steps_per_epoch: int, default_targets: list[str] | None = None) -> Pruner:
+    """A Pruner for ``model`` from a prune config (``targets`` None -> ``default_targets``)."""
+    targets = p.get("targets") or default_targets
+    return Pruner(
+        model,
+        build_method(p),
+        build_schedule(p, start_step, steps_per_epoch),
+        targets=list(targets) if targets else None,
+        exclude=list(p.get("exclude") or []) or None,
+        scope=p.get("scope", "layer"),
+        pattern=p.get("pattern", "unstructured"),
+        optimizer=optimizer,
+        stats_steps=p.get("stats_steps", 8),
+        regrow=p.get("regrow", False),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def is_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None):
+    """tqdm bar on a terminal; silent otherwise (callers print one line per epoch)."""
+    if not is_tty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
+    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=float)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def validate_prune_config(p: Mapping[str, Any], prefix: str = "prune") -> None:
+    """Check a prune config before any work, naming the bad key (``prune.sparsity=1.5: ...``)."""
+    from .methods.base import parse_pattern
+    from .methods.sensing import SENSINGS
+    from .pruner import SCOPES
+    from .solvers import SOLVERS
+
+    def bad(key: str, why: str) -> ValueError:
+        return ValueError(f"{prefix}.{key}={p.get(key)!r}: {why}")
+
+    s = p.get("sparsity")
+    if not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0 or s != s:
+        raise bad("sparsity", "must lie in [0, 1)")
+    choices = {
+        "method": ("csp", "gmp", "magnitude", "wanda", "random"),
+        "schedule": ("oneshot", "cubic", "linear"),
+        "scope": SCOPES,
+        "sensing": SENSINGS,
+        "solver": SOLVERS,
+        "values_dtype": ("float32", "float16", "bfloat16", "int8"),
+    }
+    for key, allowed in choices.items():
+        if key in p and p[key] not in allowed:
+            raise bad(key, f"expected one of {', '.join(allowed)}")
+    try:
+        parse_pattern(p.get("pattern", "unstructured"))
+    except ValueError as exc:
+        raise bad("pattern", str(exc).split(": ", 1)[-1]) from None
+    for key in ("ramp_epochs", "damping", "train_l1"):
+        if key in p and p[key] < 0:
+            raise bad(key, "must be >= 0")
+    for key in ("frequency", "stats_steps", "calib_batches"):
+        if key in p and p[key] < 1:
+            raise bad(key, "must be >= 1")
+
+
+def fit(
+    model: torch.nn.Module,
+    batches,
+    loss_fn,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    epochs: int,
+    *,
+    pruner: Pruner | None = None,
+    writer=None,
+    step: int = 0,
+    max_steps: int | None = None,
+    grad_clip: float | None = None,
+    log_every: int = 20,
+    stage: str = "train",
+) -> int:
+    """The training loop both recipes run (dense training and fine-tuning under a Pruner).
+
+    Args:
+        model: the model (put in train mode here).
+        batches: ``batches(epoch) -> iterable`` of batches for one epoch.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        optimizer, lr_scheduler: stepped once per batch (scheduler may be None).
+        epochs: epochs to run.
+        pruner: when given, its ``penalty()`` is added to the loss and ``step()`` follows every
+            optimizer step; pruning events are logged to TensorBoard.
+        writer: a ``SummaryWriter`` or None.
+        step: global step of the first batch (TensorBoard x axis).
+        max_steps: stop after this many optimizer steps in this call (smoke runs).
+        grad_clip: max gradient norm (None: no clipping).
+        log_every: steps between scalar logs.
+        stage: tag prefix ("train", "finetune").
+
+    Returns:
+        the global step after the last batch.
+    """
+    from . import tblog
+
+    done = 0
+    for epoch in range(epochs):
+        model.train()
+        start, total, count = time.perf_counter(), 0.0, 0
+        items = list(batches(epoch))
+        for batch in progress(items, desc=f"{stage} {epoch + 1}/{epochs}"):
+            loss = loss_fn(model, batch)
+            if pruner is not None:
+                loss = loss + pruner.penalty()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step} (epoch {epoch + 1})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            if lr_scheduler is not None:
+                lr_scheduler.step()
+            if pruner is not None:
+                report = pruner.step()
+                if report and writer is not None:
+                    tblog.log_pruning(writer, pruner, report, step)
+            total += float(loss.detach())
+            count += 1
+            if writer is not None and step % log_every == 0:
+                writer.add_scalar(f"{stage}/loss", loss.item(), step)
+                writer.add_scalar(f"{stage}/lr", optimizer.param_groups[0]["lr"], step)
+                if pruner is not None:
+                    tblog.log_sparsity(writer, pruner, step)
+            step += 1
+            done += 1
+            if max_steps is not None and done >= max_steps:
+                break
+        print(f"{stage} epoch {epoch + 1}/{epochs}: loss {total / max(count, 1):.4f}, "
+              f"lr {optimizer.param_groups[0]['lr']:.2e}, {time.perf_counter() - start:.1f}s", flush=True)
+        if max_steps is not None and done >= max_steps:
+            break
+    return step
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, floor: float = 0.05):
+    """Linear warm-up then cosine decay to ``floor``·peak (a LambdaLR)."""
+    import math
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,117 @@
+"""Structured configs of the ASR recipe: a typo or a wrong type fails before training.
+
+Registered in Hydra's ConfigStore by ``run.py``; the YAML files under ``conf/`` fill
+them in. Every hyperparameter the recipe uses is a field here, so every knob is
+reachable from the command line (``model.num_layers=4``, ``prune.solver=fista``...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = None  # None: $AN4_ROOT, else data/an4
+    cache_dir: Optional[str] = None  # fbank cache; None: ~/.cache/csprune/an4-fbank (the corpus is read-only)
+    batch_size: int = 16  # fits the 2-core CPU step budget; AN4 has 948 train utterances
+    eval_batch_size: int = 32  # decoding has no backward pass: larger batches are cheap
+    max_train_utts: Optional[int] = None  # None: all 948 (smoke runs use a few)
+    max_test_utts: Optional[int] = None  # None: all 130
+    spec_augment: bool = True  # on for training only
+    freq_masks: int = 2  # LibriSpeech LD policy
+    freq_mask_width: int = 27  # LD policy F=27 of 80 bins
+    time_masks: int = 2  # LD policy
+    time_mask_width: int = 40  # 0.4 s: AN4 utterances are short
+
+
+@dataclass
+class ConformerCTCConfig:
+    name: str = "conformer_ctc"
+    d_model: int = 144  # Conformer-S width
+    num_heads: int = 4  # Conformer-S
+    ffn_dim: int = 576  # 4 x d_model
+    num_layers: int = 5  # ~2.5M parameters, the size DESIGN §3 measured
+    depthwise_conv_kernel_size: int = 15  # 0.6 s of context at 40 ms steps
+    dropout: float = 0.1  # Conformer paper's P_drop
+
+
+@dataclass
+class LSTMRNNTConfig:
+    name: str = "lstm_rnnt"
+    encoder_hidden_dim: int = 256  # ~1.6M transcriber parameters with 3 layers
+    encoder_layers: int = 3  # enough depth for 28 characters on 40 min of audio
+    bidirectional: bool = False  # streamable, the on-device RNN-T family
+    embedding_dim: int = 64  # 29 symbols need no larger embedding
+    predictor_hidden_dim: int = 256  # matches the encoder
+    predictor_layers: int = 1  # short character context
+    joint_dim: int = 256  # matches the LSTM widths
+    dropout: float = 0.1  # light regularization for a small corpus
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 30  # dense training epochs (0 with init_from)
+    lr: float = 2e-3  # AdamW peak LR; Conformer-S on small data trains well at 1e-3..3e-3
+    weight_decay: float = 1e-2  # AdamW default-ish decoupled decay
+    warmup_steps: int = 300  # ~5 epochs of linear warm-up: attention models need it
+    grad_clip: float = 5.0  # CTC/RNN-T losses spike early; clipping keeps AdamW stable
+    max_steps: Optional[int] = None  # cap on optimizer steps per stage (smoke runs)
+    log_every: int = 20  # steps between scalar logs
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    threads: Optional[int] = None  # torch CPU threads; None: torch's default
+
+
+@dataclass
+class PruneConfig:
+    method: str = "csp"  # csp | gmp | magnitude | wanda | random
+    sparsity: float = 0.7  # final fraction of zeros in the targets
+    schedule: str = "oneshot"  # oneshot | cubic | linear (gmp uses cubic)
+    ramp_epochs: float = 1.0  # gradual schedules reach the final sparsity after this much fine-tuning
+    frequency: int = 100  # steps between mask updates of gradual schedules (Zhu & Gupta)
+    scope: str = "layer"  # row | layer | global
+    pattern: str = "unstructured"  # or N:M such as 2:4
+    targets: Optional[List[str]] = None  # fqn globs; None: the model's default (conformer: encoder.*)
+    exclude: List[str] = field(default_factory=list)
+    sensing: str = "activations"  # csp: activations | gaussian | identity
+    solver: str = "omp"  # csp: omp | fista | cvxpy | sklearn
+    damping: float = 0.01  # δ of G + δ·mean(diag G)·I
+    gaussian_ratio: float = 0.5  # ρ = m/n of gaussian sensing
+    train_l1: float = 0.0  # csp: λ_train of the annealed ℓ1 penalty (0: off)
+    solver_options: Any = field(default_factory=dict)
+    refit: bool = False  # magnitude/wanda: least-squares refit of kept weights
+    seed: int = 0  # random: mask seed
+    stats_steps: int = 8  # batches observed before each mask update
+    calib_batches: int = 8  # one-shot: training batches (no augmentation) observed before pruning
+    regrow: bool = False  # allow pruned weights back at later updates
+    finetune_epochs: int = 4  # fine-tuning after pruning (same for every method: a fair budget)
+    finetune_lr: float = 5e-4  # a quarter of the dense peak LR, cosine-decayed
+    values_dtype: str = "float32"  # exported values: float32 | float16 | bfloat16 | int8
+
+
+@dataclass
+class ASRConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = MISSING  # ConformerCTCConfig or LSTMRNNTConfig, from the model/ group
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    prune: Optional[PruneConfig] = None  # selected with +prune=NAME
+    seed: int = 0  # seeds data order, init, augmentation
+    mode: str = "train"  # train | transcribe
+    init_from: Optional[str] = None  # dense training checkpoint to start from (skips dense training)
+    ckpt: Optional[str] = None  # transcribe: an exported model.safetensors
+    input: Optional[str] = None  # transcribe: a WAV/FLAC file
+    output_dir: Optional[str] = None  # None: Hydra's run dir
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (called before ``@hydra.main`` runs)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="asr_schema", node=ASRConfig)
+    cs.store(group="model", name="conformer_ctc_schema", node=ConformerCTCConfig)
+    cs.store(group="model", name="lstm_rnnt_schema", node=LSTMRNNTConfig)
+    cs.store(group="prune", name="prune_schema", node=PruneConfig)
