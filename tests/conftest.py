@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="session")
 def an4_root() -> Path:
@@ -18,3 +20,24 @@ def an4_root() -> Path:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def cfg_for(*overrides: str):
+    """The ASR recipe's config composed with ``overrides`` (as on the command line)."""
+    from hydra import compose, initialize_config_dir
+
+    import recipes.asr.run  # noqa: F401  registers the structured configs
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("asr", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(an4_root, tmp_path_factory):
+    """One `trainer=smoke +prune=csp` run of the ASR recipe: (cfg, run folder, metrics)."""
+    from recipes.asr import run as asr_run
+
+    out = tmp_path_factory.mktemp("smoke")
+    cfg = cfg_for("trainer=smoke", "+prune=csp", f"output_dir={out}", f"data.root={an4_root}",
+                  f"data.cache_dir={out / 'cache'}")
+    return cfg, out, asr_run.run(cfg)

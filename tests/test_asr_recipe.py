@@ -7,32 +7,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import csprune
 from recipes.asr import run as asr_run  # registers the structured configs
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = str(REPO / "conf")
-
-
-def cfg_for(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("asr", overrides=list(overrides))
-
-
-@pytest.fixture(scope="module")
-def smoke_run(an4_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke")
-    cfg = cfg_for("trainer=smoke", "+prune=csp", f"output_dir={out}", f"data.root={an4_root}",
-                  f"data.cache_dir={out / 'cache'}")
-    metrics = asr_run.run(cfg)
-    return cfg, out, metrics
+from conftest import REPO, cfg_for
 
 
 def test_smoke_run_end_to_end(smoke_run):
