@@ -6,7 +6,7 @@ AN4_ROOT ?= data/an4
 export AN4_ROOT
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench install clean
+.PHONY: demo test test-all bench install clean screenshots
 
 # The stamp is newer than pyproject.toml once the install has succeeded, so a second run installs nothing.
 $(STAMP): pyproject.toml
@@ -33,3 +33,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
+
+# Screenshots for the README from a real run and sweep: make screenshots RUN=outputs/asr/<run> SWEEP=multirun/asr/<date>/<time>
+screenshots: $(STAMP)
+	PY=$(VPY) scripts/screenshots.sh $(RUN) $(SWEEP)
