@@ -1,0 +1,84 @@
+"""Sparse solvers in Gram form: tensors in, ``SolverResult`` out.
+
+For every row i of ``xy`` at once (batched, on the tensors' device, float32 or float64)::
+
+    l1 form (lam given):  min_θ ½θᵀ·G_i·θ − θᵀ·xy_i + lam_i‖θ‖₁
+    l0 form (k given):    min_θ ½θᵀ·G_i·θ − θᵀ·xy_i   s.t. ‖θ‖₀ <= k_i
+
+``G_i`` is ``gram`` ([n, n]) or ``gram[j]`` for the j-th of g contiguous equal row groups ([g, n, n]).
+In pruning xy_i = G·w_i; in compressed sensing gram = ΦᵀΦ and xy = Φᵀy.
+
+Solvers (``SOLVERS``): ``omp`` (default; l0 form), ``fista`` (l1 form; with k, λ is bisected per row
+so the support has at most k_i non-zeros), ``cvxpy`` (exact per-row l1 reference), ``sklearn``
+(``orthogonal_mp_gram`` for k, ``Lasso`` for lam). ``refit`` solves least squares on a support.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from csprune.solvers._common import SOLVERS, SolverResult, check_budget, check_options, check_problem, row_groups
+from csprune.solvers.fista import FISTA, fista_gram
+from csprune.solvers.omp import OMP, omp_gram
+from csprune.solvers.refit import refit
+
+_L1_OPTIONS = ("reweight_rounds", "reweight_eps", "lam_init", "bisect_steps", "bisect_rtol", "tol")
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "omp": ("atoms_per_iter", "pool_size", "refine_iters", "row_chunk"),
+    "fista": _L1_OPTIONS + ("max_iter", "check_every", "power_iters"),
+    "cvxpy": _L1_OPTIONS + ("solver_order",),
+    "sklearn": _L1_OPTIONS + ("method", "lasso_tol", "max_iter"),
+}
+
+
+def solve(
+    gram: Tensor,
+    xy: Tensor,
+    k: int | Tensor | None = None,
+    lam: float | Tensor | None = None,
+    solver: str = "omp",  # greedy l0 recovery: lowest output error in bench/ (see DESIGN §3)
+    **options: Any,
+) -> SolverResult:
+    """Solve the batched sparse problem for every row of ``xy``.
+
+    Args:
+        gram: [n, n] Gram shared by all rows, or [g, n, n] per contiguous row group (o % g == 0).
+        xy: [o, n] correlations (pruning: G·w_i; compressed sensing: Φᵀy).
+        k: l0 budget, int or int tensor [o] with 0 <= k_i <= n (k_i = 0: zero row; k_i = n: the
+            unconstrained solution). With an l1 solver, λ is bisected per row to reach <= k_i non-zeros.
+        lam: l1 weight, float or [o] tensor >= 0. Exactly one of k and lam.
+        solver: one of ``SOLVERS``.
+        **options: solver options (see ``omp_gram``, ``fista_gram``, ``cvxpy_gram``, ``sklearn_gram``).
+
+    Returns:
+        SolverResult with ``coef`` [o, n] on xy's device and dtype.
+
+    Raises:
+        ValueError: bad shapes, dtypes, groups, budgets, NaN/Inf, unknown solver or option — before
+            any work is done, naming the offending argument.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    gram3, xy, g = check_problem(gram, xy)
+    o, n = xy.shape
+    k_t, lam_t = check_budget(k, lam, o, n, xy)
+    check_options(solver, options, _OPTIONS[solver])
+    groups = row_groups(o, g, xy.device)
+    if solver == "omp":
+        if k_t is None:
+            raise ValueError("solver='omp' solves the l0 form: pass k (the budget), not lam")
+        return omp_gram(gram3, xy, k_t, groups, **options)
+    if solver == "fista":
+        return fista_gram(gram3, xy, groups, k=k_t, lam=lam_t, **options)
+    from csprune.solvers.reference import cvxpy_gram, sklearn_gram
+
+    if solver == "cvxpy":
+        return cvxpy_gram(gram3, xy, groups, k=k_t, lam=lam_t, **options)
+    if options.get("method") == "omp" and k_t is None:
+        raise ValueError("solver='sklearn' with method='omp' solves the l0 form: pass k, not lam")
+    return sklearn_gram(gram3, xy, groups, k=k_t, lam=lam_t, **options)
+
+
+__all__ = ["FISTA", "OMP", "SOLVERS", "SolverResult", "fista_gram", "omp_gram", "refit", "solve"]
