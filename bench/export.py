@@ -1,7 +1,9 @@
-"""Sparse checkpoint size and load time on a Conformer-sized model, side by side in one run.
+"""Sparse checkpoint size and load time on two shapes of model, side by side in one run.
 
-For each sparsity (50/70/90/95%), one model pruned by the engine (falls back to torch.nn.utils.prune, per layer
-L1, when the engine is not importable) is written three ways and measured:
+Models: ``conformer`` (a 7.8M-parameter torchaudio Conformer + CTC head: 530 tensors, most of them small biases and
+norms -- the header-bound case) and ``mlp`` (four 1536x1536 Linear layers: few large tensors -- the data-bound case).
+For each sparsity (50/70/90/95%), the model pruned per layer by ``csprune.prune_once(model, Magnitude(), sparsity=s)``
+is written three ways and measured:
 
 - dense ``torch.save`` of the state_dict;
 - packed bitmask + values, one safetensors file (the compressed-tensors "sparse-bitmask" layout);
@@ -9,9 +11,11 @@ L1, when the engine is not importable) is written three ways and measured:
 
 Printed ratios (goals in brackets): stored mask bytes / (n H(p) / 8) per tensor (worst) and in total [<= 1.02,
 +16 B a tensor allowed]; whole csprune file / (mask bound + raw value bits) [<= 1.03]; ``load_sparse`` time /
-``torch.load`` time of the dense state_dict, medians of interleaved repeats [<= 1.0].
+``torch.load`` time of the dense state_dict, medians of interleaved repeats [<= 1.0]; the same for
+``load_sparse(verify="full")`` (also hashes every decoded tensor), for information.
 
-    python bench/export.py [--sparsities 0.5,0.7,0.9,0.95] [--repeats 9] [--values-dtype float32] [--layers 16]
+    python bench/export.py [--models conformer,mlp] [--sparsities 0.5,0.7,0.9,0.95] [--repeats 9]
+                           [--values-dtype float32] [--layers 16]
 """
 
 from __future__ import annotations
@@ -43,27 +47,16 @@ class ConformerCTC(torch.nn.Module):
         self.head = torch.nn.Linear(144, vocab)
 
 
-def prune_model(model: torch.nn.Module, sparsity: float) -> str:
-    """Prune ``model`` in place to ``sparsity`` per layer; returns which pruner did it."""
-    try:  # the engine; the only line to change when its API moves
-        import csprune
+class MLP(torch.nn.Sequential):
+    """Few large tensors: four 1536x1536 Linear layers (9.4M parameters, 8 tensors)."""
 
-        csprune.prune_once(model, csprune.methods.Magnitude(), sparsity=sparsity)
-        return "csprune.prune_once(Magnitude)"
-    except (ImportError, AttributeError, NotImplementedError) as exc:
-        fallback = f"torch.nn.utils.prune l1_unstructured (engine unavailable: {type(exc).__name__})"
-    from torch.nn.utils import prune
+    def __init__(self, width: int = 1536, depth: int = 4) -> None:
+        super().__init__(*[torch.nn.Linear(width, width) for _ in range(depth)])
 
-    for module in model.modules():
-        names = []
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)):
-            names.append("weight")
-        if isinstance(module, torch.nn.MultiheadAttention) and module.in_proj_weight is not None:
-            names.append("in_proj_weight")
-        for name in names:
-            prune.l1_unstructured(module, name, amount=sparsity)
-            prune.remove(module, name)
-    return fallback
+
+def build_model(kind: str, args: argparse.Namespace) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return (ConformerCTC(num_layers=args.layers) if kind == "conformer" else MLP()).eval()
 
 
 def bitmask_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -86,20 +79,18 @@ def timed(fn, *args, **kwargs) -> float:
     return time.perf_counter() - start
 
 
-def run_one(sparsity: float, args: argparse.Namespace, workdir: str) -> dict[str, float]:
-    torch.manual_seed(0)
-    model = ConformerCTC(num_layers=args.layers).eval()
-    pruner = prune_model(model, sparsity)
-    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    # `w * mask` pruning leaves -0.0 at every negative pruned weight; bit-exact storage would have to keep those
-    # signs (~1 bit per zero). -0.0 + 0.0 == +0.0, so this canonicalizes them without touching other values.
-    negative_zeros = sum(int(((t == 0) & t.signbit()).sum()) for t in state.values() if t.is_floating_point())
-    if args.canonical_zeros:
-        state = {name: t + 0.0 if t.is_floating_point() else t for name, t in state.items()}
+def run_one(kind: str, sparsity: float, args: argparse.Namespace, workdir: str) -> dict[str, float]:
+    import csprune
 
-    dense_path = os.path.join(workdir, f"dense_{sparsity}.pt")
-    bitmask_path = os.path.join(workdir, f"bitmask_{sparsity}.safetensors")
-    sparse_path = os.path.join(workdir, f"csprune_{sparsity}.safetensors")
+    model = build_model(kind, args)
+    csprune.prune_once(model, csprune.methods.Magnitude(), sparsity=sparsity)
+    state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    # The engine writes +0.0 at pruned positions; -0.0 would still round-trip, at ~1 bit per zero.
+    negative_zeros = sum(int(((t == 0) & t.signbit()).sum()) for t in state.values() if t.is_floating_point())
+
+    dense_path = os.path.join(workdir, f"{kind}_dense_{sparsity}.pt")
+    bitmask_path = os.path.join(workdir, f"{kind}_bitmask_{sparsity}.safetensors")
+    sparse_path = os.path.join(workdir, f"{kind}_csprune_{sparsity}.safetensors")
     torch.save(state, dense_path)
     save_file(bitmask_layout(state), bitmask_path)
     save_time = timed(save_sparse, state, sparse_path, values_dtype=args.values_dtype)
@@ -115,16 +106,17 @@ def run_one(sparsity: float, args: argparse.Namespace, workdir: str) -> dict[str
     over_allowance = [r["name"] for r in masked if r["mask_bytes"] > 1.02 * r["mask_bound_bytes"] + 16]
     totals = report["totals"]
 
-    dense_times, sparse_times = [], []
-    for _ in range(args.repeats):  # interleaved, so machine load affects both alike
+    dense_times, sparse_times, full_times = [], [], []
+    for _ in range(args.repeats):  # interleaved, so machine load affects all alike
         dense_times.append(timed(torch.load, dense_path, weights_only=True))
         sparse_times.append(timed(load_sparse, sparse_path))
+        full_times.append(timed(load_sparse, sparse_path, verify="full"))
     codings = {}
     for row in masked:
         codings[row["coding"]] = codings.get(row["coding"], 0) + 1
     return {
+        "model": kind,
         "sparsity": sparsity,
-        "pruner": pruner,
         "dense_pt": os.path.getsize(dense_path),
         "bitmask": os.path.getsize(bitmask_path),
         "csprune": totals["file_bytes"],
@@ -136,6 +128,8 @@ def run_one(sparsity: float, args: argparse.Namespace, workdir: str) -> dict[str
         "file_over_bound": totals["file_over_bound"],
         "load_dense_ms": 1e3 * statistics.median(dense_times),
         "load_sparse_ms": 1e3 * statistics.median(sparse_times),
+        "load_ratio": statistics.median(s / d for s, d in zip(sparse_times, dense_times)),
+        "full_ratio": statistics.median(f / d for f, d in zip(full_times, dense_times)),
         "save_s": save_time,
         "codings": codings,
         "params": totals["numel"],
@@ -146,40 +140,37 @@ def run_one(sparsity: float, args: argparse.Namespace, workdir: str) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="conformer,mlp")
     parser.add_argument("--sparsities", default="0.5,0.7,0.9,0.95")
     parser.add_argument("--repeats", type=int, default=9, help="load-time repeats (median); 9 damps a busy machine")
     parser.add_argument("--values-dtype", default=None, choices=["float32", "float16", "bfloat16", "int8"])
-    parser.add_argument(
-        "--keep-negative-zeros", dest="canonical_zeros", action="store_false",
-        help="save the pruner's -0.0 as they are (costs ~1 bit per zero) instead of canonicalizing them to +0.0",
-    )
     parser.add_argument("--layers", type=int, default=16, help="16 = the Conformer-sized model of the issue")
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, values_dtype={args.values_dtype}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, values_dtype={args.values_dtype}; "
+          "pruned per layer by csprune.prune_once(Magnitude)")
+    print("load ratio = median over interleaved repeats of load_sparse time / torch.load time (dense state_dict)")
     with tempfile.TemporaryDirectory() as workdir:
-        results = [run_one(float(s), args, workdir) for s in args.sparsities.split(",")]
-    r0 = results[0]
-    print(f"model: {r0['params']:,} params in {r0['tensors']} tensors; pruned by {r0['pruner']}")
-    print(
-        f"pruner left {[r['negative_zeros'] for r in results]} negative zeros; "
-        + ("canonicalized to +0.0 before saving" if args.canonical_zeros else "saved as they are")
-    )
-    print(
-        f"{'sparsity':>8} {'torch.save':>11} {'bitmask+val':>11} {'csprune':>10} {'header':>7} "
-        f"{'mask/H tot':>10} {'mask/H worst':>12} {'file/bound':>10} {'load pt ms':>10} {'load cs ms':>10} "
-        f"{'load ratio':>10}  codings"
-    )
-    for r in results:
-        print(
-            f"{r['sparsity']:>8.2f} {r['dense_pt']:>11,} {r['bitmask']:>11,} {r['csprune']:>10,} {r['header']:>7,} "
-            f"{r['mask_total']:>10.4f} {r['mask_worst']:>12.4f} {r['file_over_bound']:>10.4f} "
-            f"{r['load_dense_ms']:>10.1f} {r['load_sparse_ms']:>10.1f} "
-            f"{r['load_sparse_ms'] / r['load_dense_ms']:>10.3f}  {r['codings']}"
-        )
-        if r["over_allowance"]:
-            print(f"         masks above 1.02 x bound + 16 B: {r['over_allowance']}")
-    print("goals: mask/H <= 1.02 (+16 B a tensor), file/bound <= 1.03, load ratio <= 1.0")
+        for kind in args.models.split(","):
+            results = [run_one(kind, float(s), args, workdir) for s in args.sparsities.split(",")]
+            r0 = results[0]
+            print(f"\n{kind}: {r0['params']:,} params in {r0['tensors']} tensors; "
+                  f"negative zeros left by the pruner: {[r['negative_zeros'] for r in results]}")
+            print(
+                f"{'sparsity':>8} {'torch.save':>11} {'bitmask+val':>11} {'csprune':>10} {'header':>7} "
+                f"{'mask/H tot':>10} {'mask/H worst':>12} {'file/bound':>10} {'load pt ms':>10} {'load cs ms':>10} "
+                f"{'load ratio':>10} {'full ratio':>10}  codings"
+            )
+            for r in results:
+                print(
+                    f"{r['sparsity']:>8.2f} {r['dense_pt']:>11,} {r['bitmask']:>11,} {r['csprune']:>10,} "
+                    f"{r['header']:>7,} {r['mask_total']:>10.4f} {r['mask_worst']:>12.4f} {r['file_over_bound']:>10.4f} "
+                    f"{r['load_dense_ms']:>10.1f} {r['load_sparse_ms']:>10.1f} {r['load_ratio']:>10.3f} "
+                    f"{r['full_ratio']:>10.3f}  {r['codings']}"
+                )
+                if r["over_allowance"]:
+                    print(f"         masks above 1.02 x bound + 16 B: {r['over_allowance']}")
+    print("\ngoals: mask/H <= 1.02 (+16 B a tensor), file/bound <= 1.03, load ratio <= 1.0")
 
 
 if __name__ == "__main__":

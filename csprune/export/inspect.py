@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -26,41 +25,38 @@ def inspect_sparse(path: str | os.PathLike) -> dict[str, Any]:
         ``bound_bytes`` (mask bound + stored value bits), ``bits_per_weight`` (stored bits / numel) and, for int8,
         ``quant_max_abs`` / ``quant_snr_db``. Totals add ``header_bytes``, ``file_bytes``, ``dense_fp32_bytes``,
         ``compression_ratio_vs_fp32`` (dense fp32 bytes / file bytes), ``mask_over_bound`` and
-        ``file_over_bound``.
+        ``file_over_bound``. ``stored_bytes`` of the rows add up to the data bytes less the per-tensor digests
+        (32 B a tensor), which like the header count only in the totals.
 
     Raises:
         CheckpointError: The header is unreadable, corrupt or of an unknown version.
     """
     header = read_sparse_header(path)
     rows = []
-    for name in header.metadata["tensors"]:
-        info = header.tensor(name)
-        numel = math.prod(info["shape"])
-        parts = {part: entry for part, entry in header.entries.items() if part == name or part.startswith(name + "::")}
-        stored = sum(entry.end - entry.begin for entry in parts.values())
-        mask_entry = parts.get(f"{name}::mask")
-        mask_bytes = mask_entry.end - mask_entry.begin if mask_entry else 0
-        values_entry = parts.get(name) or parts.get(f"{name}::values")
-        mask_bound = entropy_bound_bytes(numel, info["nnz"])
+    for name, info in header.tensors.items():
+        numel = info.numel
+        mask_bytes = info.mask_bytes
+        stored_dtype = "I8" if info.encoding in ("q8", "sparse_q8") else info.dtype
+        mask_bound = entropy_bound_bytes(numel, info.nnz)
         row = {
             "name": name,
-            "shape": list(info["shape"]),
-            "dtype": info["dtype"],
-            "encoding": info["encoding"],
-            "coding": info["coding"],
+            "shape": list(info.shape),
+            "dtype": info.dtype,
+            "encoding": info.encoding,
+            "coding": info.coding,
             "numel": numel,
-            "nnz": info["nnz"],
-            "sparsity": 1.0 - info["nnz"] / numel if numel else 0.0,
-            "dense_bytes": numel * _ITEMSIZES[info["dtype"]],
-            "stored_bytes": stored,
+            "nnz": info.nnz,
+            "sparsity": 1.0 - info.nnz / numel if numel else 0.0,
+            "dense_bytes": numel * _ITEMSIZES[info.dtype],
+            "stored_bytes": info.stored_bytes,
             "mask_bytes": mask_bytes,
             "mask_bound_bytes": mask_bound,
             # Ideal storage: only the non-zeros' bits (at the stored value width) plus the mask bound.
-            "bound_bytes": mask_bound + info["nnz"] * _ITEMSIZES[values_entry.dtype],
-            "bits_per_weight": 8.0 * stored / numel if numel else 0.0,
+            "bound_bytes": mask_bound + info.nnz * _ITEMSIZES[stored_dtype],
+            "bits_per_weight": 8.0 * info.stored_bytes / numel if numel else 0.0,
         }
-        if info.get("quant_error") is not None:
-            row["quant_max_abs"], row["quant_snr_db"] = info["quant_error"]
+        if info.quant_error is not None:
+            row["quant_max_abs"], row["quant_snr_db"] = info.quant_error
         rows.append(row)
 
     def total(key: str) -> float:
