@@ -25,7 +25,8 @@ def fbank_frames(split: str, utterances: int, context: int = 1, offset: int = 0)
     """Log-mel fbank (80 bins) with ±context frames stacked, from the first utterances of a split.
 
     Returns:
-        [frames, 80·(2·context+1)] float32, per-dim standardized with the split's own statistics.
+        [frames, 80·(2·context+1)] float32, mean-centered per dim and scaled by one global std, so the
+        per-bin energy differences that Wanda's ‖x_j‖ sees are kept.
     """
     root = an4_root()
     ids = (root / "etc" / f"an4_{split}.fileids").read_text().split()[offset:offset + utterances]
@@ -38,4 +39,5 @@ def fbank_frames(split: str, utterances: int, context: int = 1, offset: int = 0)
         stacked = torch.cat([padded[i:i + fb.shape[0]] for i in range(2 * context + 1)], dim=1)
         feats.append(stacked)
     x = torch.cat(feats)
-    return (x - x.mean(0)) / x.std(0).clamp_min(1e-5)
+    x = x - x.mean(0)
+    return x / x.std()

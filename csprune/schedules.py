@@ -30,26 +30,25 @@ def _last_update(step: int, start: int, end: int, frequency: int) -> int:
     return start + ((step - start) // frequency) * frequency
 
 
+def _ramp_progress(step: int, start: int, end: int, frequency: int) -> float | None:
+    """Fraction of the ramp done at the last pruning step <= ``step`` (None before ``start``)."""
+    if step < start:
+        return None
+    if end <= start:
+        return 1.0
+    return min(1.0, (_last_update(step, start, end, frequency) - start) / (end - start))
+
+
 def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int, frequency: int) -> float:
     """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f)(1 - (t - t0)/(nΔt))³ at t = t0 + kΔt."""
-    if step < start:
-        return 0.0
-    if end <= start:
-        return final
-    t = _last_update(step, start, end, frequency)
-    progress = min(1.0, (t - start) / (end - start))
-    return final + (initial - final) * (1.0 - progress) ** 3
+    progress = _ramp_progress(step, start, end, frequency)
+    return 0.0 if progress is None else final + (initial - final) * (1.0 - progress) ** 3
 
 
 def linear_sparsity(step: int, initial: float, final: float, start: int, end: int, frequency: int) -> float:
     """Sparsity rising linearly from ``initial`` at ``start`` to ``final`` at ``end``."""
-    if step < start:
-        return 0.0
-    if end <= start:
-        return final
-    t = _last_update(step, start, end, frequency)
-    progress = min(1.0, (t - start) / (end - start))
-    return initial + (final - initial) * progress
+    progress = _ramp_progress(step, start, end, frequency)
+    return 0.0 if progress is None else initial + (final - initial) * progress
 
 
 class Schedule:
