@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: dense Conformer-CTC on AN4, CSP to 70% sparsity, fine-tuning, WER + sparsity + checkpoint size.
 demo: $(STAMP)
-	$(VPY) -m csprune.demo
+	$(VPY) recipes/asr/run.py +prune=csp trainer=demo prune.finetune_epochs=2 hydra.run.dir=outputs/demo
+	$(VPY) -m csprune.cli inspect outputs/demo/model.safetensors | tail -n 3
 
 test: $(STAMP)
 	$(VPY) -m pytest -q

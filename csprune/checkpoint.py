@@ -18,12 +18,20 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "rng_state", "set_rng_state", "FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "check_compatible", "rng_state", "rng_state_full", "set_rng_state",
+           "FORMAT", "FORMAT_VERSION", "CheckpointMismatch"]
 
 log = logging.getLogger("csprune")
 
-FORMAT = "csprune-train-ckpt/1"
+FORMAT_NAME = "csprune-train-ckpt"
+FORMAT_VERSION = 1  # bump when the layout of a training checkpoint changes incompatibly
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 _STEP_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+_TEMP_NAME = re.compile(r"^\..+\.tmp$")
+
+
+class CheckpointMismatch(ValueError):
+    """A readable checkpoint that belongs to another model, config or format version (not skipped on resume)."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike, keep_last: int | None = None) -> Path:
@@ -76,8 +84,42 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{path}: not a readable training checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        name, _, version = str(found).partition("/")
+        if name == FORMAT_NAME and version.isdigit() and int(version) > FORMAT_VERSION:
+            raise CheckpointMismatch(f"{path}: checkpoint format version {version} is newer than this csprune reads "
+                                     f"({FORMAT_VERSION}); upgrade csprune to resume from it")
         raise ValueError(f"{path}: checkpoint format {found!r}, expected {FORMAT!r}")
     return state
+
+
+def check_compatible(state: dict[str, Any], expected: dict[str, Any], path: str | os.PathLike = "checkpoint") -> None:
+    """Refuse a checkpoint written for another model or config.
+
+    Args:
+        state: a loaded checkpoint.
+        expected: ``{key: value}`` that must equal ``state["compat"][key]`` (e.g. the model config,
+            the parameter shapes, the config keys that change the training trajectory).
+        path: the file, for the message.
+
+    Raises:
+        CheckpointMismatch: naming the first differing key and both values (for dicts: the
+            differing sub-keys).
+    """
+    saved = state.get("compat")
+    if not isinstance(saved, dict):
+        raise CheckpointMismatch(f"{path}: checkpoint has no compatibility record ('compat'); not written by this recipe")
+    for key, want in expected.items():
+        have = saved.get(key, "<missing>")
+        if have == want:
+            continue
+        if isinstance(have, dict) and isinstance(want, dict):
+            diffs = sorted(k for k in set(have) | set(want) if have.get(k, "<missing>") != want.get(k, "<missing>"))
+            detail = ", ".join(f"{k}: checkpoint {have.get(k, '<missing>')!r} vs now {want.get(k, '<missing>')!r}"
+                               for k in diffs[:5])
+            raise CheckpointMismatch(f"{path}: checkpoint was written for another {key} ({detail}); "
+                                     f"use a fresh output_dir or trainer.resume=false")
+        raise CheckpointMismatch(f"{path}: checkpoint was written for another {key} (checkpoint {have!r} vs now {want!r}); "
+                                 f"use a fresh output_dir or trainer.resume=false")
 
 
 def _step_checkpoints(folder: Path) -> list[Path]:
@@ -86,10 +128,23 @@ def _step_checkpoints(folder: Path) -> list[Path]:
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict] | None:
-    """Newest ``ckpt-<step>.pt`` in ``folder`` that loads; corrupt ones are skipped with a warning."""
-    for path in reversed(_step_checkpoints(Path(folder))):
+    """Newest ``ckpt-<step>.pt`` in ``folder`` that loads; corrupt ones are skipped with a warning.
+
+    Temporary files left by a write that was killed (``.ckpt-<step>.pt.*.tmp``) are never read;
+    they are reported and removed. A checkpoint of a *newer format version* is not skipped: it
+    raises :class:`CheckpointMismatch` (resuming from an older one would silently lose work).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for tmp in sorted(p for p in folder.iterdir() if _TEMP_NAME.match(p.name)):
+        log.warning("csprune: removing %s, a checkpoint write that never finished", tmp)
+        tmp.unlink(missing_ok=True)
+    for path in reversed(_step_checkpoints(folder)):
         try:
             return path, load_checkpoint(path)
+        except CheckpointMismatch:
+            raise
         except ValueError as exc:
             log.warning("csprune: skipping unreadable checkpoint %s", exc)
     return None
@@ -103,7 +158,37 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def rng_state_full() -> dict[str, Any]:
+    """Torch (CPU, CUDA), Python ``random`` and NumPy RNG states, as tensors and primitives only.
+
+    Python's state becomes a list of ints and NumPy's a uint32 tensor, so a checkpoint holding them
+    still loads with ``weights_only=True``.
+    """
+    import random
+
+    import numpy as np
+
+    state = rng_state()
+    version, internal, gauss = random.getstate()
+    state["python"] = {"version": version, "internal": list(internal), "gauss": gauss}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached": float(cached)}
+    return state
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` or :func:`rng_state_full` saved."""
+    if "python" in state:
+        import random
+
+        p = state["python"]
+        random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if "numpy" in state:
+        import numpy as np
+
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -55,6 +55,12 @@ class Pruner:
             well-conditioned Gram for layers up to ~1k inputs at negligible amortized cost.
         regrow: allow a pruned weight to come back at a later pruning step (masks are
             monotone otherwise).
+        max_gram_bytes: cap on one target's Gram accumulator (float64, ``8·g·n²`` bytes). A larger
+            target keeps a block-diagonal Gram of column blocks of b inputs (the largest divisor of
+            n that fits, a multiple of M for N:M) and is pruned as independent column blocks: the
+            method sees the row view ``[g·(n/b)·o/g, b]`` with one Gram per block, so budgets follow
+            the scope over blocks (scope "row": each block of a row keeps its proportional share).
+            None: no cap (exact). Reported as ``gram_block``/``gram_bytes`` per tensor.
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class Pruner:
         optimizer: torch.optim.Optimizer | None = None,
         stats_steps: int = 8,
         regrow: bool = False,
+        max_gram_bytes: int | None = None,
     ):
         if not isinstance(method, Method):
             raise TypeError(f"method: expected a csprune.methods.Method, got {type(method).__name__}")
@@ -98,9 +105,15 @@ class Pruner:
         self.last_report: dict[str, Any] = {}
         for t in self.targets:
             M.attach_mask(t.module, t.param_name)
+        self.max_gram_bytes = max_gram_bytes
         self.stats: InputStats | None = None
         if method.stats_mode is not None:
-            self.stats = InputStats(self.targets, mode=method.stats_mode).attach()
+            self.stats = InputStats(self.targets, mode=method.stats_mode, max_gram_bytes=max_gram_bytes,
+                                    block_multiple=self.pattern[1] if self.pattern else 1).attach()
+        blocks = self.stats.blocks if self.stats is not None else {}
+        # What the method sees of each target: the target itself, or its column-blocked view.
+        self._views: list[Target | _BlockedView] = [
+            _BlockedView(t, blocks[t.fqn]) if t.fqn in blocks else t for t in self.targets]
         self._update_collecting()
 
     # ------------------------------------------------------------- training
@@ -177,13 +190,13 @@ class Pruner:
         """Compute every new mask first, then apply them all (nothing changes on error)."""
         start = time.perf_counter()
         rows, contexts = [], []
-        for t in self.targets:
-            w = t.rows(t.weight.detach())
+        for t, view in zip(self.targets, self._views):
+            w = view.rows(t.weight.detach())
             if not torch.isfinite(w).all():
                 raise FloatingPointError(f"weight {t.fqn} contains NaN/Inf; not pruning")
-            allowed = torch.ones_like(w, dtype=torch.bool) if self.regrow else t.rows(M.get_mask(t.module, t.param_name))
+            allowed = torch.ones_like(w, dtype=torch.bool) if self.regrow else view.rows(M.get_mask(t.module, t.param_name))
             rows.append(w)
-            contexts.append(LayerContext(t, self.stats, self._step, allowed, self.pattern, self._method_state[t.fqn]))
+            contexts.append(LayerContext(view, self.stats, self._step, allowed, self.pattern, self._method_state[t.fqn]))
         if self.stats is not None and self.stats.mode is not None:
             self._sync_stats()
         scores = []
@@ -197,12 +210,19 @@ class Pruner:
         selections: list[Selection] = [self.method.select(w, k, ctx) for w, k, ctx in zip(rows, keeps, contexts)]
         # Apply.
         per_tensor = {}
-        for t, w, sel in zip(self.targets, rows, selections):
-            M.set_mask(t.module, t.param_name, t.unrows(sel.mask))
+        gram_peak = 0
+        for t, view, w, sel in zip(self.targets, self._views, rows, selections):
+            M.set_mask(t.module, t.param_name, view.unrows(sel.mask))
             if sel.values is not None:
                 original = M.original_param(t.module, t.param_name)
-                original.copy_(t.unrows(sel.values.to(original.dtype)))
-            per_tensor[t.fqn] = dict(sel.info, sparsity=1.0 - sel.mask.float().mean().item())
+                original.copy_(view.unrows(sel.values.to(original.dtype)))
+            n = t.row_shape[1]
+            block = view.block if isinstance(view, _BlockedView) else n
+            gram_bytes = 4 * t.groups * n * block  # the float32 Gram a solver gets ([g·n/b, b, b])
+            if self.stats is not None:
+                gram_peak = max(gram_peak, gram_bytes)
+            per_tensor[t.fqn] = dict(sel.info, sparsity=1.0 - sel.mask.float().mean().item(),
+                                     gram_block=float(block), gram_bytes=float(gram_bytes))
         self._level = level
         self._check_ranks_agree()
         self.last_report = {
@@ -210,6 +230,8 @@ class Pruner:
             "scheduled_sparsity": level,
             "seconds": time.perf_counter() - start,
             "stats_bytes": self.stats.nbytes() if self.stats is not None else 0,
+            "gram_bytes_peak": gram_peak,
+            "max_gram_bytes": self.max_gram_bytes or 0,
             "tensors": per_tensor,
         }
         log.info("csprune: step %d pruned to %.3f in %.2fs", self._step, level, self.last_report["seconds"])
@@ -305,6 +327,49 @@ class Pruner:
         return self.model
 
 
+class _BlockedView:
+    """A target seen as independent column blocks (what a method prunes under ``max_gram_bytes``).
+
+    Row i of group gi, columns [j·b, (j+1)·b), becomes a row of group ``gi·nb + j`` (nb = n/b):
+    the view's rows are ``[g·nb·o/g, b]`` and its groups match the block-diagonal Gram
+    ``InputStats.gram`` returns for the target.
+    """
+
+    def __init__(self, target: Target, block: int):
+        self.base = target
+        self.block = block
+        self.fqn, self.module_fqn, self.module = target.fqn, target.module_fqn, target.module
+        self.param_name, self.kind = target.param_name, target.kind
+        o, n = target.row_shape
+        self.nb = n // block
+        self.groups = target.groups * self.nb
+        self._o, self._n = o, n
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.base.shape
+
+    @property
+    def row_shape(self) -> tuple[int, int]:
+        return self._o * self.nb, self.block
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """[g·nb·o/g, b] blocked rows of a tensor shaped like the target's weight."""
+        g, o, b = self.base.groups, self._o, self.block
+        r = self.base.rows(weight)
+        return r.reshape(g, o // g, self.nb, b).permute(0, 2, 1, 3).reshape(g * self.nb * (o // g), b)
+
+    def unrows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`rows`: back to the target's weight shape."""
+        g, o, b = self.base.groups, self._o, self.block
+        r = rows.reshape(g, self.nb, o // g, b).permute(0, 2, 1, 3).reshape(o, self._n)
+        return self.base.unrows(r)
+
+
 def _call(model: nn.Module, batch: Any) -> None:
     if isinstance(batch, dict):
         model(**batch)
@@ -323,6 +388,7 @@ def prune_once(
     exclude: Sequence[TargetSpec] | None = None,
     scope: str = "layer",
     pattern: str = "unstructured",
+    max_gram_bytes: int | None = None,
 ) -> nn.Module:
     """One-shot pruning: observe ``calib``, prune to ``sparsity``, finalize.
 
@@ -332,7 +398,7 @@ def prune_once(
         sparsity: fraction of zeros in [0, 1).
         calib: iterable of model inputs (tuple → ``model(*b)``, dict → ``model(**b)``, tensor → ``model(b)``);
             needed by data-dependent methods (Wanda, CSP with activation sensing, refits).
-        targets, exclude, scope, pattern: as :class:`Pruner`.
+        targets, exclude, scope, pattern, max_gram_bytes: as :class:`Pruner`.
 
     Returns:
         the finalized model (plain module, exact zeros).
@@ -340,7 +406,8 @@ def prune_once(
     schedule = OneShot(sparsity)  # validates sparsity before anything is touched
     if method.stats_mode is not None and calib is None:
         raise ValueError(f"calib: {method!r} needs calibration inputs (an iterable of model-input tuples)")
-    pruner = Pruner(model, method, schedule, targets=targets, exclude=exclude, scope=scope, pattern=pattern)
+    pruner = Pruner(model, method, schedule, targets=targets, exclude=exclude, scope=scope, pattern=pattern,
+                    max_gram_bytes=max_gram_bytes)
     if pruner.stats is not None:
         pruner.stats.enabled = True
         with torch.no_grad():

@@ -15,11 +15,13 @@ targets        fqn globs (None: the recipe's default), exclude: globs
 sensing, solver, damping, gaussian_ratio, train_l1, solver_options   (csp)
 refit, damping (magnitude, wanda); seed (random)
 stats_steps, regrow, calib_batches, finetune_epochs, lr
+max_gram_bytes cap on one layer's Gram accumulator (column blocks above it)
 =============  ==============================================================
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -90,6 +92,7 @@ def build_pruner(model: torch.nn.Module, p: Mapping[str, Any], optimizer: torch.
         optimizer=optimizer,
         stats_steps=p.get("stats_steps", 8),
         regrow=p.get("regrow", False),
+        max_gram_bytes=p.get("max_gram_bytes"),
     )
 
 
@@ -161,6 +164,12 @@ def validate_prune_config(p: Mapping[str, Any], prefix: str = "prune") -> None:
             raise bad(key, "must be >= 1")
 
 
+def _rank() -> int:
+    """This process's torch.distributed rank (0 when not distributed)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def fit(
     model: torch.nn.Module,
     batches,
@@ -176,12 +185,25 @@ def fit(
     grad_clip: float | None = None,
     log_every: int = 20,
     stage: str = "train",
+    save: Callable[[dict], None] | None = None,
+    save_every: int = 0,
+    resume: Mapping[str, Any] | None = None,
+    data_rng: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
 ) -> int:
     """The training loop both recipes run (dense training and fine-tuning under a Pruner).
 
+    Resumable at any batch: ``save(progress)`` is called every ``save_every`` optimizer steps and
+    after the last one, with ``progress`` = {stage, epoch, batch (batches done in that epoch), step,
+    done (steps done in this call's stage), finished, epoch_data_rng (the data pipeline's RNG at the
+    start of the epoch, before its batches were drawn), data_rng (now), rng (torch/Python/NumPy RNG
+    now), loss_total, loss_count}. Passing it back as ``resume`` redraws that epoch's batches from
+    the same RNG state, skips the done ones and restores the RNGs, so the run continues exactly as
+    if it had not stopped (the caller restores model, optimizer, scheduler and pruner).
+
     Args:
-        model: the model (put in train mode here).
-        batches: ``batches(epoch) -> iterable`` of batches for one epoch.
+        model: the module trained (put in train mode here; may be a DDP wrapper).
+        batches: ``batches(epoch) -> iterable`` of batches for one epoch; a batch that is a ``list``
+            is a set of micro-batches whose gradients are accumulated (mean of their losses).
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         optimizer, lr_scheduler: stepped once per batch (scheduler may be None).
         epochs: epochs to run.
@@ -189,29 +211,62 @@ def fit(
             optimizer step; pruning events are logged to TensorBoard.
         writer: a ``SummaryWriter`` or None.
         step: global step of the first batch (TensorBoard x axis).
-        max_steps: stop after this many optimizer steps in this call (smoke runs).
+        max_steps: stop after this many optimizer steps in this stage (smoke runs).
         grad_clip: max gradient norm (None: no clipping).
         log_every: steps between scalar logs.
         stage: tag prefix ("train", "finetune").
+        save: checkpoint callback (None: no checkpoints).
+        save_every: steps between ``save`` calls (0: only after the last step).
+        resume: a ``progress`` dict from a checkpoint of this stage.
+        data_rng: ``(get, set)`` of the RNG state ``batches`` consumes (e.g. SpecAugment's generator).
 
     Returns:
         the global step after the last batch.
     """
     from . import tblog
+    from .checkpoint import rng_state_full, set_rng_state
 
-    done = 0
-    for epoch in range(epochs):
+    get_data_rng, set_data_rng = data_rng if data_rng is not None else (lambda: None, lambda state: None)
+    done, first_epoch, skip = 0, 0, 0
+    if resume is not None:
+        if resume.get("stage", stage) != stage:
+            raise ValueError(f"fit(stage={stage!r}): resume progress belongs to stage {resume.get('stage')!r}")
+        first_epoch, skip, step, done = int(resume["epoch"]), int(resume["batch"]), int(resume["step"]), int(resume["done"])
+        if resume.get("finished"):
+            set_data_rng(resume["data_rng"])
+            set_rng_state(resume["rng"])
+            return step
+    for epoch in range(first_epoch, epochs):
         model.train()
         start, total, count = time.perf_counter(), 0.0, 0
+        resuming = resume is not None and epoch == first_epoch
+        if resuming:
+            set_data_rng(resume["epoch_data_rng"])
+        epoch_data_rng = get_data_rng()
         items = list(batches(epoch))
-        for batch in progress(items, desc=f"{stage} {epoch + 1}/{epochs}"):
-            loss = loss_fn(model, batch)
-            if pruner is not None:
-                loss = loss + pruner.penalty()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{stage}: loss is {loss.item()} at step {step} (epoch {epoch + 1})")
+        first = 0
+        if resuming:
+            first = skip
+            set_rng_state(resume["rng"])
+            total, count = float(resume["loss_total"]), int(resume["loss_count"])
+        for index in progress(range(first, len(items)), desc=f"{stage} {epoch + 1}/{epochs}", total=len(items) - first):
+            batch = items[index]
+            micro = batch if isinstance(batch, list) else [batch]  # a list: micro-batches, gradients accumulated
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = 0.0
+            for j, part in enumerate(micro):
+                last = j == len(micro) - 1
+                sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+                with sync:
+                    part_loss = loss_fn(model, part)
+                    if pruner is not None:
+                        part_loss = part_loss + pruner.penalty()
+                    if len(micro) > 1:
+                        part_loss = part_loss / len(micro)
+                    if not torch.isfinite(part_loss):
+                        raise FloatingPointError(f"{stage}: loss is {part_loss.item()} at step {step} (epoch {epoch + 1})")
+                    part_loss.backward()
+                loss = loss + part_loss.detach()
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
@@ -230,10 +285,16 @@ def fit(
                     tblog.log_sparsity(writer, pruner, step)
             step += 1
             done += 1
+            finished = (max_steps is not None and done >= max_steps) or (epoch == epochs - 1 and index == len(items) - 1)
+            if save is not None and (finished or (save_every and done % save_every == 0)):
+                save({"stage": stage, "epoch": epoch, "batch": index + 1, "step": step, "done": done, "finished": finished,
+                      "epoch_data_rng": epoch_data_rng, "data_rng": get_data_rng(), "rng": rng_state_full(),
+                      "loss_total": total, "loss_count": count})
             if max_steps is not None and done >= max_steps:
                 break
-        print(f"{stage} epoch {epoch + 1}/{epochs}: loss {total / max(count, 1):.4f}, "
-              f"lr {optimizer.param_groups[0]['lr']:.2e}, {time.perf_counter() - start:.1f}s", flush=True)
+        if _rank() == 0:
+            print(f"{stage} epoch {epoch + 1}/{epochs}: loss {total / max(count, 1):.4f}, "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e}, {time.perf_counter() - start:.1f}s", flush=True)
         if max_steps is not None and done >= max_steps:
             break
     return step

@@ -28,17 +28,27 @@ from torch import nn
 
 from .targets import Target
 
-__all__ = ["InputStats"]
+__all__ = ["InputStats", "gram_block_size"]
 
 
 class _Accumulator:
-    """Running Σxxᵀ (or Σx²) and counts for one target, per row group."""
+    """Running Σxxᵀ (or Σx²) and counts for one target, per row group.
 
-    def __init__(self, groups: int, n: int, full: bool, device: torch.device):
-        shape = (groups, n, n) if full else (groups, n)
+    With ``block`` set (full mode only), only the block diagonal of each group's Gram is kept:
+    the n inputs are cut into n/block contiguous column blocks and the sum has shape
+    [groups·n/block, block, block] (group-major), i.e. n·block instead of n² numbers per group.
+    """
+
+    def __init__(self, groups: int, n: int, full: bool, device: torch.device, block: int | None = None):
+        self.groups, self.n, self.full = groups, n, full
+        self.block = block if (full and block and block < n) else None
+        if self.block:
+            nb = n // self.block
+            shape = (groups * nb, self.block, self.block)
+        else:
+            shape = (groups, n, n) if full else (groups, n)
         self.sum = torch.zeros(shape, dtype=torch.float64, device=device)
         self.count = torch.zeros(groups, dtype=torch.float64, device=device)
-        self.full = full
 
     def add(self, x: torch.Tensor, group: int | None = None) -> None:
         """Add samples.
@@ -48,6 +58,18 @@ class _Accumulator:
             group: group index, or None when ``x`` carries every group.
         """
         x = x.detach().float()
+        if self.block:
+            b = self.block
+            if group is None:
+                xb = x.reshape(x.shape[0], -1, b)  # [N, g·nb, b], group-major like self.sum
+                self.sum += torch.einsum("bki,bkj->kij", xb, xb).double()
+                self.count += x.shape[0]
+            else:
+                nb = self.n // b
+                xb = x.reshape(x.shape[0], nb, b)
+                self.sum[group * nb:(group + 1) * nb] += torch.einsum("bki,bkj->kij", xb, xb).double()
+                self.count[group] += x.shape[0]
+            return
         if group is None:
             if self.full:
                 self.sum += torch.einsum("bgi,bgj->gij", x, x).double()
@@ -60,6 +82,42 @@ class _Accumulator:
             else:
                 self.sum[group] += (x * x).sum(0).double()
             self.count[group] += x.shape[0]
+
+    def per_row_group_count(self) -> torch.Tensor:
+        """Counts aligned with the leading dim of ``sum`` ([g] or [g·nb])."""
+        if self.block:
+            return self.count.repeat_interleave(self.n // self.block)
+        return self.count
+
+
+def gram_block_size(n: int, groups: int, max_bytes: int | None, multiple: int = 1, fqn: str = "?") -> int | None:
+    """Column block size that keeps a target's float64 Gram accumulator under ``max_bytes``.
+
+    The full accumulator takes ``8·g·n²`` bytes; a block diagonal with blocks of ``b`` columns
+    takes ``8·g·n·b``. ``b`` is the largest divisor of ``n`` that is a multiple of ``multiple``
+    (the M of an N:M pattern, so pattern groups never straddle blocks) and fits.
+
+    Args:
+        n: row width (number of inputs).
+        groups: row groups of the target (one Gram each).
+        max_bytes: the cap (None or 0: no cap).
+        multiple: the block size must be a multiple of this.
+        fqn: target name, for the error message.
+
+    Returns:
+        None when the full Gram fits (or there is no cap), else the block size.
+
+    Raises:
+        ValueError: not even the smallest allowed block fits under the cap.
+    """
+    if not max_bytes or 8 * groups * n * n <= max_bytes:
+        return None
+    fits = [b for b in range(multiple, n, multiple) if n % b == 0 and 8 * groups * n * b <= max_bytes]
+    if not fits:
+        smallest = multiple if n % multiple == 0 and multiple < n else n
+        raise ValueError(f"max_gram_bytes={max_bytes}: the Gram of {fqn} ([{groups}, {n}, {n}]) cannot be blocked under "
+                         f"the cap; the smallest allowed block ({smallest} columns) needs {8 * groups * n * smallest} bytes")
+    return max(fits)
 
 
 def _subsample(x: torch.Tensor, limit: int) -> torch.Tensor:
@@ -117,17 +175,33 @@ class InputStats:
             conv patches and long sequences are strided down to it, so a window of
             a few batches costs a bounded amount whatever the input size (4096 keeps
             a 1024-wide Gram update under ~10 GFLOP).
+        max_gram_bytes: cap on one target's float64 Gram accumulator ("full" mode); a target
+            whose ``8·g·n²`` bytes exceed it keeps only a block diagonal of column blocks
+            (:func:`gram_block_size`), and :meth:`gram` returns ``[g·n/b, b, b]``. None: no cap.
+        block_multiple: block sizes are multiples of this (the M of an N:M pattern).
 
     Collection is off until :attr:`enabled` is set; the hooks stay registered
     and return at once while disabled, so toggling costs nothing.
     """
 
-    def __init__(self, targets: list[Target], mode: str = "full", max_positions: int = 4096):
+    def __init__(self, targets: list[Target], mode: str = "full", max_positions: int = 4096,
+                 max_gram_bytes: int | None = None, block_multiple: int = 1):
         if mode not in ("full", "diag"):
             raise ValueError(f"mode={mode!r}: expected 'full' or 'diag'")
+        if max_gram_bytes is not None and max_gram_bytes < 0:
+            raise ValueError(f"max_gram_bytes={max_gram_bytes}: must be >= 0 (0 or None: no cap)")
         self.targets = targets
         self.mode = mode
         self.max_positions = max_positions
+        self.max_gram_bytes = max_gram_bytes
+        # fqn -> column block size of its block-diagonal Gram (absent: full Gram); fixed up front so the
+        # statistics' shapes never depend on which batches were seen.
+        self.blocks: dict[str, int] = {}
+        if mode == "full":
+            for t in targets:
+                b = gram_block_size(t.row_shape[1], t.groups, max_gram_bytes, block_multiple, t.fqn)
+                if b is not None:
+                    self.blocks[t.fqn] = b
         self.enabled = False
         self._acc: dict[str, _Accumulator] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -162,7 +236,7 @@ class InputStats:
     def _acc_for(self, target: Target, n: int, device: torch.device) -> _Accumulator:
         acc = self._acc.get(target.fqn)
         if acc is None:
-            acc = _Accumulator(target.groups, n, self.mode == "full", device)
+            acc = _Accumulator(target.groups, n, self.mode == "full", device, self.blocks.get(target.fqn))
             self._acc[target.fqn] = acc
         return acc
 
@@ -263,10 +337,14 @@ class InputStats:
         if not torch.isfinite(acc.sum).all():
             raise FloatingPointError(f"input statistics of {target.fqn} contain NaN/Inf (non-finite activations)")
         shape = (-1,) + (1,) * (acc.sum.dim() - 1)
-        return (acc.sum / acc.count.view(shape)).float()
+        return (acc.sum / acc.per_row_group_count().view(shape)).float()
 
     def gram(self, target: Target) -> torch.Tensor | None:
-        """E[x xᵀ] per row group, [g, n, n] float32, or None when unobserved."""
+        """E[x xᵀ] per row group, [g, n, n] float32, or None when unobserved.
+
+        For a target blocked by ``max_gram_bytes`` (``fqn in self.blocks``): the diagonal blocks,
+        [g·n/b, b, b], group-major (the Gram of the Pruner's blocked row view).
+        """
         if self.mode != "full":
             raise RuntimeError("gram() needs mode='full'")
         return self._mean(target)
@@ -283,24 +361,51 @@ class InputStats:
         self._acc.clear()
 
     def nbytes(self) -> int:
-        """Bytes held by the accumulators (reported; bounded by the targets' widths)."""
+        """Bytes held by the accumulators (reported; bounded by the targets' widths and ``max_gram_bytes``)."""
         return sum(a.sum.numel() * a.sum.element_size() + a.count.numel() * 8 for a in self._acc.values())
 
-    def all_reduce(self, group=None) -> None:
-        """Sum statistics over DDP ranks (no-op unless torch.distributed is initialized)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    def all_reduce(self, group=None, bucket_bytes: int = 64 << 20) -> None:
+        """Sum statistics over DDP ranks (no-op unless torch.distributed is initialized).
+
+        Two collectives in the common case: one all_reduce of a presence vector (so a rank that
+        saw no input of a target contributes zeros instead of deadlocking), then the sums and
+        counts of every present target flattened into float64 buckets of at most ``bucket_bytes``
+        (one all_reduce per bucket; 64 MiB bounds the extra copy while keeping calls few).
+
+        Args:
+            group: process group (None: the default group).
+            bucket_bytes: largest flattened buffer reduced at once.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return
-        for t in self.targets:
-            acc = self._acc.get(t.fqn)
-            flag = torch.tensor([1.0 if acc is not None else 0.0], device=self._device_hint())
-            torch.distributed.all_reduce(flag, group=group)
-            if flag.item() == 0:
+        device = self._device_hint()
+        present = torch.tensor([1.0 if t.fqn in self._acc else 0.0 for t in self.targets], dtype=torch.float64, device=device)
+        dist.all_reduce(present, group=group)
+        tensors: list[torch.Tensor] = []
+        for t, flag in zip(self.targets, present.tolist()):
+            if flag == 0:
                 continue
+            acc = self._acc.get(t.fqn)
             if acc is None:  # this rank saw nothing but others did: contribute zeros
-                o, n = t.row_shape
-                acc = self._acc_for(t, n, self._device_hint())
-            torch.distributed.all_reduce(acc.sum, group=group)
-            torch.distributed.all_reduce(acc.count, group=group)
+                acc = self._acc_for(t, t.row_shape[1], device)
+            tensors += [acc.sum, acc.count]
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for i, tensor in enumerate(tensors + [None]):
+            if tensor is not None and (not bucket or size + tensor.numel() * 8 <= bucket_bytes):
+                bucket.append(tensor)
+                size += tensor.numel() * 8
+                continue
+            if bucket:
+                flat = torch.cat([b.reshape(-1) for b in bucket])
+                dist.all_reduce(flat, group=group)
+                offset = 0
+                for b in bucket:
+                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
+                del flat
+            bucket, size = ([tensor], tensor.numel() * 8) if tensor is not None else ([], 0)
 
     def _device_hint(self) -> torch.device:
         return self.targets[0].weight.device
@@ -316,7 +421,10 @@ class InputStats:
             if fqn not in by_fqn:
                 raise KeyError(f"statistics for {fqn!r}, which is not a target of this pruner")
             t = by_fqn[fqn]
-            acc = _Accumulator(t.groups, s["sum"].shape[1], self.mode == "full", t.weight.device)
+            acc = _Accumulator(t.groups, t.row_shape[1], self.mode == "full", t.weight.device, self.blocks.get(fqn))
+            if acc.sum.shape != s["sum"].shape:
+                raise ValueError(f"statistics of {fqn!r}: saved sum has shape {tuple(s['sum'].shape)}, this pruner expects "
+                                 f"{tuple(acc.sum.shape)} (a different max_gram_bytes or model?)")
             acc.sum.copy_(s["sum"])
             acc.count.copy_(s["count"])
             self._acc[fqn] = acc

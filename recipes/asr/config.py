@@ -37,6 +37,7 @@ class ConformerCTCConfig:
     num_layers: int = 5  # ~2.5M parameters, the size DESIGN §3 measured
     depthwise_conv_kernel_size: int = 15  # 0.6 s of context at 40 ms steps
     dropout: float = 0.1  # Conformer paper's P_drop
+    use_group_norm: bool = False  # torchaudio default BatchNorm; GroupNorm is batch-independent (exact DDP equivalence)
 
 
 @dataclass
@@ -63,6 +64,10 @@ class TrainerConfig:
     log_every: int = 20  # steps between scalar logs
     device: str = "auto"  # "auto": cuda when available, else cpu
     threads: Optional[int] = None  # torch CPU threads; None: torch's default
+    micro_batches: int = 1  # shards per rank of each global batch, gradients accumulated (1 process x N == N DDP ranks)
+    checkpoint_every: int = 0  # optimizer steps between training checkpoints (0: none; >0 also writes one at each stage's end)
+    keep_last: int = 3  # newest training checkpoints kept: enough to survive a corrupt newest one
+    resume: str = "false"  # false | true (newest valid checkpoint in output_dir/checkpoints, error if none) | auto (resume if any)
 
 
 @dataclass
@@ -90,6 +95,7 @@ class PruneConfig:
     finetune_epochs: int = 4  # fine-tuning after pruning (same for every method: a fair budget)
     finetune_lr: float = 5e-4  # a quarter of the dense peak LR, cosine-decayed
     values_dtype: str = "float32"  # exported values: float32 | float16 | bfloat16 | int8
+    max_gram_bytes: Optional[int] = None  # cap on one layer's Gram (8·n² bytes); larger layers use column blocks. None: exact
 
 
 @dataclass

@@ -27,10 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 
 import csprune
 from csprune import tblog
-from csprune.checkpoint import load_checkpoint, save_checkpoint
+from csprune.checkpoint import check_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
 from csprune.recipe import build_pruner, fit, seed_everything, validate_prune_config, warmup_cosine, write_json
 from recipes.asr.config import register_configs
-from recipes.asr.data import AN4Dataset, LengthBucketBatchSampler, collate_asr, default_an4_root, read_an4_split
+from recipes.asr.data import ASRBatch, AN4Dataset, LengthBucketBatchSampler, collate_asr, default_an4_root, read_an4_split
 from recipes.asr.features import FbankConfig, FeatureCache, GlobalCMVN, SpecAugment, compute_fbank
 from recipes.asr.models import build_model, count_parameters
 from recipes.asr.text import CharVocab, char_error_rate, word_error_rate
@@ -57,39 +57,85 @@ def make_model(model_cfg: dict, vocab: CharVocab) -> torch.nn.Module:
 
 
 class Data:
-    """AN4 splits, features, CMVN and loaders for one run."""
+    """AN4 splits, features, CMVN and loaders for one run.
 
-    def __init__(self, cfg: DictConfig, vocab: CharVocab, cmvn: GlobalCMVN | None, seed: int):
+    Under DDP (``world`` > 1) every rank draws the same global batches (same sampler, same
+    SpecAugment stream) and keeps rows ``rank::world`` of each, padded like the global batch, so
+    the ranks' average gradient is the one-process gradient of the same global batch.
+    """
+
+    def __init__(self, cfg: DictConfig, vocab: CharVocab, cmvn: GlobalCMVN | None, seed: int, rank: int = 0, world: int = 1):
         d = cfg.data
+        micro = cfg.trainer.get("micro_batches", 1)
+        if micro < 1 or d.batch_size % (world * micro):
+            raise ValueError(f"data.batch_size={d.batch_size}: must be divisible by {world} DDP ranks x "
+                             f"trainer.micro_batches={micro} (each shard takes batch_size/{world * micro} rows)")
         root = Path(d.root) if d.root else default_an4_root()
+        self.rank, self.world, self.micro = rank, world, micro
         self.train_utts = read_an4_split(root, "train")[: d.max_train_utts]
         self.test_utts = read_an4_split(root, "test")[: d.max_test_utts]
         self.fbank = FbankConfig()
         self.cache = FeatureCache(d.cache_dir, self.fbank)
-        self.cache.precompute(self.train_utts + self.test_utts, progress=sys.stdout.isatty())
+        self.cache.precompute(self.train_utts + self.test_utts, progress=sys.stdout.isatty() and rank == 0)
         self.cmvn = cmvn or GlobalCMVN.fit(self.cache.get(u) for u in self.train_utts)
-        augment = SpecAugment(d.freq_masks, d.freq_mask_width, d.time_masks, d.time_mask_width, seed=seed) if d.spec_augment else None
-        self.train = AN4Dataset(self.train_utts, self.cache, vocab, self.cmvn, augment)
+        self.augment = SpecAugment(d.freq_masks, d.freq_mask_width, d.time_masks, d.time_mask_width, seed=seed) if d.spec_augment else None
+        self.train = AN4Dataset(self.train_utts, self.cache, vocab, self.cmvn, self.augment)
         self.train_plain = AN4Dataset(self.train_utts, self.cache, vocab, self.cmvn, None)
         self.test = AN4Dataset(self.test_utts, self.cache, vocab, self.cmvn, None)
         self.batch_size, self.eval_batch_size, self.seed = d.batch_size, d.eval_batch_size, seed
         self.sampler = LengthBucketBatchSampler(self.train.num_frames, d.batch_size, shuffle=True, seed=seed)
 
+    def _shard(self, batch: ASRBatch):
+        """This rank's micro-batches of a global batch, each with the loss weight that makes the mean exact.
+
+        The global batch is cut into ``S = world·micro`` shards (rows ``s::S``); rank r takes shards
+        ``r·micro … (r+1)·micro − 1``. ``Σ weight·mean(shard) / S`` over all shards is the global mean.
+        """
+        shards = self.world * self.micro
+        if shards == 1:
+            return batch
+        out = []
+        for s in range(self.rank * self.micro, (self.rank + 1) * self.micro):
+            idx = list(range(s, len(batch), shards))
+            frames, tokens = int(batch.feat_lens[idx].max()), max(int(batch.token_lens[idx].max()), 1)
+            part = ASRBatch(batch.feats[idx, :frames], batch.feat_lens[idx], batch.tokens[idx, :tokens], batch.token_lens[idx],
+                            [batch.utt_ids[i] for i in idx], [batch.texts[i] for i in idx])
+            out.append((part, len(idx) * shards / len(batch)))
+        return out
+
+    def _global_batches(self, sampler) -> list[list[int]]:
+        # A global batch needs a row for every shard; shorter ones (at most a last short batch) are dropped.
+        return [idx for idx in sampler if len(idx) >= self.world * self.micro]
+
     def train_batches(self, epoch: int):
+        """This rank's batches of ``epoch`` (ASRBatch, or (ASRBatch, loss weight) under DDP)."""
         self.sampler.set_epoch(epoch)
-        return [collate_asr([self.train[i] for i in idx]) for idx in self.sampler]
+        return [self._shard(collate_asr([self.train[i] for i in idx])) for idx in self._global_batches(self.sampler)]
 
     def calib_batches(self, count: int):
         sampler = LengthBucketBatchSampler(self.train_plain.num_frames, self.batch_size, shuffle=True, seed=self.seed + 1)
-        return [collate_asr([self.train_plain[i] for i in idx]) for idx in list(sampler)[:count]]
+        out = [self._shard(collate_asr([self.train_plain[i] for i in idx])) for idx in self._global_batches(sampler)[:count]]
+        return [part for b in out for part, _ in b] if self.world * self.micro > 1 else out
 
     def test_batches(self):
         sampler = LengthBucketBatchSampler(self.test.num_frames, self.eval_batch_size, shuffle=False)
         return [collate_asr([self.test[i] for i in idx]) for idx in sampler]
 
+    def rng_state(self) -> dict:
+        """State of the data pipeline's own randomness (SpecAugment's generator; the sampler is seeded per epoch)."""
+        return {"augment": self.augment.generator.get_state()} if self.augment is not None else {}
+
+    def set_rng_state(self, state: dict) -> None:
+        if self.augment is not None and "augment" in state:
+            self.augment.generator.set_state(state["augment"])
+
+    def state_dict(self) -> dict:
+        """Data order record: the sampler's seed and batch size (the epoch and position live in ``progress``)."""
+        return {"seed": self.seed, "batch_size": self.batch_size, "world": self.world, **self.rng_state()}
+
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.sampler)
+        return len(self._global_batches(self.sampler))
 
 
 @torch.no_grad()
@@ -107,6 +153,10 @@ def evaluate(model: torch.nn.Module, batches, vocab: CharVocab, device: torch.de
 
 def _loss(device):
     def loss_fn(model, batch):
+        if isinstance(batch, tuple):  # a shard: (rows of a global batch, weight); model may be the DDP loss wrapper
+            part, weight = batch
+            forward = model.loss if hasattr(model, "loss") else model
+            return forward(*part.to(device).inputs()) * weight
         return model.loss(*batch.to(device).inputs())
 
     return loss_fn
@@ -123,8 +173,128 @@ def _run_dir(cfg: DictConfig) -> Path:
         return Path("outputs/asr/manual")
 
 
+def _init_distributed(cfg: DictConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the torchrun process group when ``WORLD_SIZE`` > 1.
+
+    NCCL on GPU, gloo on CPU; each rank takes the GPU of its ``LOCAL_RANK``. Inside a multi-task
+    SLURM job started by the submitit launcher, the environment comes from submitit instead.
+    """
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SUBMITIT_FOLDER" in os.environ:
+        # A multi-task job from the submitit SLURM launcher: export RANK/WORLD_SIZE/MASTER_* as torchrun would.
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(cfg.trainer.device)
+    if world <= 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+class _LossModule(torch.nn.Module):
+    """``forward = model.loss``, so DDP sees the training forward (it only hooks ``__call__``)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(*inputs)
+
+
+def _wrap_ddp(model: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
+    """The module ``fit`` trains: the model itself, or a DDP wrapper around its loss.
+
+    Wrap *after* the Pruner is built: parametrizations replace parameters and DDP snapshots the
+    parameter list when it wraps.
+    """
+    if world <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(_LossModule(model), device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _weights_checksum(model: torch.nn.Module) -> torch.Tensor:
+    """[2] float64: Σw and a position-weighted Σw over every parameter and buffer (rank comparison)."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for i, (name, t) in enumerate(sorted(model.state_dict().items())):
+        if not t.is_floating_point():
+            continue
+        v = t.detach().reshape(-1).double().cpu()
+        total[0] += v.sum()
+        total[1] += (v * torch.arange(1, v.numel() + 1, dtype=torch.float64).remainder(1009)).sum() * (i + 1)
+    return total
+
+
+def _check_weights_agree(model: torch.nn.Module, world: int) -> None:
+    """Under DDP, the final weights must be bit-identical on every rank (mismatch is an error)."""
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    mine = _weights_checksum(model)
+    if dist.get_backend() == "nccl":
+        mine = mine.cuda()
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    bad = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+    if bad:
+        raise RuntimeError(f"DDP: final weights of ranks {bad} differ from rank 0's (checksums {[g.tolist() for g in gathered]})")
+
+
+# Config keys that do not change the training trajectory: a checkpoint stays valid when they change.
+_RESUME_FREE = {"trainer": ("resume", "checkpoint_every", "keep_last", "threads", "device", "log_every"),
+                "data": ("root", "cache_dir")}
+_RESUME_FREE_TOP = ("output_dir", "mode", "ckpt", "input")
+
+
+def _compat_record(container: dict, model: torch.nn.Module, model_cfg: dict) -> dict:
+    """What a training checkpoint must match to be resumed: model config, parameter shapes, config."""
+    config = {k: v for k, v in container.items() if k not in _RESUME_FREE_TOP and k != "model"}
+    for group, keys in _RESUME_FREE.items():
+        if isinstance(config.get(group), dict):
+            config[group] = {k: v for k, v in config[group].items() if k not in keys}
+    flat = {}
+    for group, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{group}.{k}": v for k, v in value.items()})
+        else:
+            flat[group] = value
+    shapes = {name: list(p.shape) for name, p in model.state_dict().items()}
+    return {"model": dict(model_cfg), "parameters": shapes, "config": flat}
+
+
+def _find_resume(tc: DictConfig, ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from according to ``trainer.resume`` (false | true | auto)."""
+    mode = str(tc.resume).lower()
+    if mode in ("false", "none", "0"):
+        return None
+    if mode not in ("true", "auto", "1"):
+        raise ValueError(f"trainer.resume={tc.resume!r}: expected false, true or auto")
+    found = latest_checkpoint(ckpt_dir)
+    if found is None and mode != "auto":
+        raise FileNotFoundError(f"trainer.resume=true: no readable checkpoint in {ckpt_dir} (use trainer.resume=auto "
+                                f"to start fresh when there is none)")
+    return found
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, prune, evaluate and export; returns the metrics (also written to metrics.json)."""
+    """Train, prune, evaluate and export; returns the metrics (also written to metrics.json).
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank runs this; rank 0 alone writes checkpoints,
+    events, metrics and the export. With ``trainer.checkpoint_every`` > 0 a training checkpoint is
+    written every that many steps and at the end of each stage; ``trainer.resume`` continues from the
+    newest valid one.
+    """
     if cfg.mode == "transcribe":
         return {"transcript": transcribe(cfg)}
     if cfg.mode != "train":
@@ -133,55 +303,98 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     prune_cfg = container.get("prune")
     if prune_cfg is not None:
         validate_prune_config(prune_cfg)  # before any work
-    wall_start = time.perf_counter()
+    tc = cfg.trainer
+    if tc.checkpoint_every < 0 or tc.keep_last < 1:
+        raise ValueError(f"trainer.checkpoint_every={tc.checkpoint_every} / trainer.keep_last={tc.keep_last}: "
+                         f"need checkpoint_every >= 0 and keep_last >= 1")
+    wall_start, started_at = time.perf_counter(), time.time()
     run_dir = _run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = run_dir / "checkpoints"
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    device = resolve_device(cfg.trainer.device)
+    rank, world, device = _init_distributed(cfg)
+    main_rank = rank == 0
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
+    resumed = _find_resume(tc, ckpt_dir)
+    state = resumed[1] if resumed else None
 
     init = load_checkpoint(cfg.init_from) if cfg.init_from else None
     vocab = CharVocab.from_dict(init["vocab"]) if init else CharVocab()
     model_cfg = init["model_config"] if init else container["model"]
-    data = Data(cfg, vocab, GlobalCMVN.from_dict(init["cmvn"]) if init else None, cfg.seed)
+    data = Data(cfg, vocab, GlobalCMVN.from_dict(init["cmvn"]) if init else None, cfg.seed, rank=rank, world=world)
     model = make_model(model_cfg, vocab).to(device)
     params = count_parameters(model)
-    print(f"model {model_cfg['name']}: {params / 1e6:.2f}M parameters; {len(data.train_utts)} train / "
-          f"{len(data.test_utts)} test utterances; {data.steps_per_epoch} steps/epoch; device {device}", flush=True)
+    compat = _compat_record(container, model, model_cfg)
+    if state is not None:
+        check_compatible(state, compat, resumed[0])
+        print(f"resuming from {resumed[0]} (stage {state['stage']}, step {state['progress']['step']})", flush=True)
+    if main_rank:
+        print(f"model {model_cfg['name']}: {params / 1e6:.2f}M parameters; {len(data.train_utts)} train / "
+              f"{len(data.test_utts)} test utterances; {data.steps_per_epoch} steps/epoch; device {device}"
+              f"{f'; {world} DDP ranks' if world > 1 else ''}", flush=True)
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(run_dir))
-    tblog.log_config(writer, container)
+    writer = SummaryWriter(log_dir=str(run_dir)) if main_rank else None
+    if writer is not None:
+        tblog.log_config(writer, container)
     loss_fn = _loss(device)
-    tc = cfg.trainer
     step = 0
     train_seconds = 0.0
+
+    def saver(stage: str, extra: dict):
+        """``fit``'s save callback: the whole training state, from the unwrapped module (rank 0 only)."""
+        def save(progress: dict) -> None:
+            if not (main_rank and tc.checkpoint_every):
+                return
+            payload = {"stage": stage, "progress": progress, "model": model.state_dict(), "compat": compat,
+                       "data": data.state_dict()}
+            payload.update({k: (v() if callable(v) else v) for k, v in extra.items()})
+            save_checkpoint(payload, ckpt_dir / f"ckpt-{progress['step']:08d}.pt", keep_last=tc.keep_last)
+        return save
+
+    data_rng = (data.rng_state, data.set_rng_state)
     if init is not None:
         model.load_state_dict(init["model"])
         dense_metrics = init.get("dense_metrics") or evaluate(model, data.test_batches(), vocab, device)
         print(f"initialized from {cfg.init_from}: dense WER {dense_metrics['wer']:.4f}", flush=True)
+    elif state is not None and state["stage"] == "finetune":
+        dense_metrics, train_seconds = state["dense_metrics"], state["train_seconds"]
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         total = tc.epochs * data.steps_per_epoch if tc.max_steps is None else min(tc.max_steps, tc.epochs * data.steps_per_epoch)
         sched = warmup_cosine(opt, tc.warmup_steps, total)
-        t0 = time.perf_counter()
-        step = fit(model, data.train_batches, loss_fn, opt, sched, tc.epochs, writer=writer, step=step,
-                   max_steps=tc.max_steps, grad_clip=tc.grad_clip, log_every=tc.log_every, stage="train")
+        progress = None
+        if state is not None:  # stage "train"
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["lr_scheduler"])
+            progress = state["progress"]
+            train_seconds = state["train_seconds"]
+        t0 = time.perf_counter() - train_seconds
+        trained = _wrap_ddp(model, world, device)
+        save = saver("train", {"optimizer": opt.state_dict, "lr_scheduler": sched.state_dict,
+                               "train_seconds": lambda: time.perf_counter() - t0})
+        step = fit(trained, data.train_batches, loss_fn, opt, sched, tc.epochs, writer=writer, step=step,
+                   max_steps=tc.max_steps, grad_clip=tc.grad_clip, log_every=tc.log_every, stage="train",
+                   save=save, save_every=tc.checkpoint_every, resume=progress, data_rng=data_rng)
         train_seconds = time.perf_counter() - t0
         dense_metrics = evaluate(model, data.test_batches(), vocab, device)
-        save_checkpoint({"model": model.state_dict(), "model_config": model_cfg, "vocab": vocab.to_dict(),
-                         "cmvn": data.cmvn.to_dict(), "dense_metrics": dense_metrics, "seed": cfg.seed},
-                        run_dir / "dense.pt")
-        print(f"dense: WER {dense_metrics['wer']:.4f} CER {dense_metrics['cer']:.4f} after {train_seconds:.0f}s", flush=True)
-    for k, v in dense_metrics.items():
-        writer.add_scalar(f"eval_dense/{k}", v, step)
+        if main_rank:
+            save_checkpoint({"model": model.state_dict(), "model_config": model_cfg, "vocab": vocab.to_dict(),
+                             "cmvn": data.cmvn.to_dict(), "dense_metrics": dense_metrics, "seed": cfg.seed},
+                            run_dir / "dense.pt")
+            print(f"dense: WER {dense_metrics['wer']:.4f} CER {dense_metrics['cer']:.4f} after {train_seconds:.0f}s", flush=True)
+    if writer is not None:
+        for k, v in dense_metrics.items():
+            writer.add_scalar(f"eval_dense/{k}", v, step)
 
     metrics: dict[str, Any] = {
         "recipe": "asr", "model": model_cfg["name"], "params": params, "seed": cfg.seed, "primary_metric": "wer",
         "dense_wer": dense_metrics["wer"], "dense_cer": dense_metrics["cer"], "train_seconds": train_seconds,
-        "method": "dense", "sparsity": 0.0,
+        "method": "dense", "sparsity": 0.0, "world_size": world,
     }
     pruner = None
     if prune_cfg is not None:
@@ -192,8 +405,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             ft_steps = min(ft_steps, tc.max_steps)
         sched = warmup_cosine(opt, 0, ft_steps)
         pruner = build_pruner(model, p, opt, 0, data.steps_per_epoch, DEFAULT_TARGETS.get(model_cfg["name"]))
-        t0 = time.perf_counter()
-        if p["schedule"] == "oneshot":
+        progress, ft_before = None, 0.0
+        if state is not None and state["stage"] == "finetune":
+            model.load_state_dict(state["model"])
+            pruner.load_state_dict(state["pruner"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["lr_scheduler"])
+            metrics.update(state["metrics"])
+            progress, ft_before = state["progress"], state["finetune_seconds"]
+        t0 = time.perf_counter() - ft_before
+        if p["schedule"] == "oneshot" and progress is None:
             if pruner.stats is not None:  # observe clean training batches, then prune once
                 pruner.stats.enabled = True
                 model.eval()
@@ -202,17 +423,31 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         model(*batch.to(device).inputs())
                 pruner.stats.enabled = False
             report = pruner.prune_to(p["sparsity"])
-            tblog.log_pruning(writer, pruner, report, step)
+            if writer is not None:
+                tblog.log_pruning(writer, pruner, report, step)
             oneshot = evaluate(model, data.test_batches(), vocab, device)
             metrics.update({f"oneshot_{k}": v for k, v in oneshot.items()})
-            print(f"one-shot {p['method']} to {p['sparsity']}: WER {oneshot['wer']:.4f} before fine-tuning "
-                  f"({report['seconds']:.1f}s pruning)", flush=True)
-        step = fit(model, data.train_batches, loss_fn, opt, sched, p["finetune_epochs"], pruner=pruner, writer=writer,
-                   step=step, max_steps=tc.max_steps, grad_clip=tc.grad_clip, log_every=tc.log_every, stage="finetune")
+            if main_rank:
+                print(f"one-shot {p['method']} to {p['sparsity']}: WER {oneshot['wer']:.4f} before fine-tuning "
+                      f"({report['seconds']:.1f}s pruning)", flush=True)
+        trained = _wrap_ddp(model, world, device)  # after the pruner's parametrizations exist
+        save = saver("finetune", {"optimizer": opt.state_dict, "lr_scheduler": sched.state_dict, "pruner": pruner.state_dict,
+                                  "dense_metrics": dense_metrics, "train_seconds": train_seconds,
+                                  "metrics": lambda: {k: v for k, v in metrics.items() if k.startswith("oneshot_")},
+                                  "finetune_seconds": lambda: time.perf_counter() - t0})
+        step = fit(trained, data.train_batches, loss_fn, opt, sched, p["finetune_epochs"], pruner=pruner, writer=writer,
+                   step=step, max_steps=tc.max_steps, grad_clip=tc.grad_clip, log_every=tc.log_every, stage="finetune",
+                   save=save, save_every=tc.checkpoint_every, resume=progress, data_rng=data_rng)
         metrics["finetune_seconds"] = time.perf_counter() - t0
         metrics["sparsity_actual"] = pruner.sparsity()["total"]
         metrics.update(method=p["method"], sparsity=p["sparsity"])
+        if pruner.last_report:
+            metrics.update(prune_stats_bytes=pruner.last_report.get("stats_bytes", 0),
+                           prune_gram_bytes_peak=pruner.last_report.get("gram_bytes_peak", 0))
         pruner.finalize()
+    _check_weights_agree(model, world)
+    if not main_rank:
+        return metrics
 
     final = evaluate(model, data.test_batches(), vocab, device)
     metrics.update(final)
@@ -225,7 +460,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dense_bytes = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
     metrics.update(checkpoint_bytes=ckpt.stat().st_size, dense_bytes=dense_bytes,
                    compression_ratio=dense_bytes / ckpt.stat().st_size,
-                   wall_seconds=time.perf_counter() - wall_start)
+                   wall_seconds=time.perf_counter() - wall_start, started_at=started_at, finished_at=time.time(),
+                   pid=os.getpid())
     for k in ("wer", "cer"):
         writer.add_scalar(f"eval/{k}", final[k], step)
     tblog.log_hparams(writer, container, {k: v for k, v in metrics.items() if k in (
