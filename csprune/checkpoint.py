@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "check_compatible", "rng_state", "rng_state_full", "set_rng_state",
-           "FORMAT", "FORMAT_VERSION", "CheckpointMismatch"]
+           "FORMAT", "FORMAT_VERSION", "CheckpointMismatch",
+           "compat_record", "find_resume"]
 
 log = logging.getLogger("csprune")
 
@@ -192,3 +193,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def compat_record(config: dict[str, Any], model: torch.nn.Module, model_cfg: dict,
+                  resume_free: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """What a training checkpoint must match to be resumed: model config, parameter shapes, config.
+
+    Args:
+        config: the resolved run config (nested dict); its "model" group is taken from ``model_cfg``.
+        model: the model (its state_dict shapes are recorded).
+        model_cfg: the model's config.
+        resume_free: per group ("" = top level), keys that do not change the training trajectory.
+    """
+    top_free = set(resume_free.get("", ()))
+    kept = {k: v for k, v in config.items() if k not in top_free and k != "model"}
+    flat: dict[str, Any] = {}
+    for group, value in kept.items():
+        if isinstance(value, dict):
+            free = set(resume_free.get(group, ()))
+            flat.update({f"{group}.{k}": v for k, v in value.items() if k not in free})
+        else:
+            flat[group] = value
+    shapes = {name: list(p.shape) for name, p in model.state_dict().items()}
+    return {"model": dict(model_cfg), "parameters": shapes, "config": flat}
+
+
+def find_resume(mode: Any, folder: str | os.PathLike) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from for ``trainer.resume`` = false | true | auto."""
+    mode = str(mode).lower()
+    if mode in ("false", "none", "0"):
+        return None
+    if mode not in ("true", "auto", "1"):
+        raise ValueError(f"trainer.resume={mode!r}: expected false, true or auto")
+    found = latest_checkpoint(folder)
+    if found is None and mode != "auto":
+        raise FileNotFoundError(f"trainer.resume=true: no readable checkpoint in {folder} (use trainer.resume=auto "
+                                "to start fresh when there is none)")
+    return found

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import masks as M
+from .distributed import assert_same_on_ranks, checksum, is_distributed
 from .methods.base import LayerContext, Method, Selection, keep_from_scores, nm_keep, parse_pattern
 from .schedules import OneShot, Schedule
 from .stats import InputStats
@@ -242,18 +243,9 @@ class Pruner:
 
     def _check_ranks_agree(self) -> None:
         """Under DDP, every rank must hold the same masks: compare a checksum (mismatch is an error)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        device = self.targets[0].weight.device
-        total = torch.zeros(2, dtype=torch.float64, device=device)
-        for i, t in enumerate(self.targets):
-            m = M.get_mask(t.module, t.param_name).reshape(-1).double()
-            total[0] += m.sum()
-            total[1] += (m * torch.arange(1, m.numel() + 1, device=device, dtype=torch.float64).remainder(997)).sum() * (i + 1)
-        gathered = [torch.zeros_like(total) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(gathered, total)
-        if any(not torch.equal(g, gathered[0]) for g in gathered):
-            raise RuntimeError("csprune: masks differ between DDP ranks after pruning step %d" % self._step)
+        if is_distributed():
+            masks = [M.get_mask(t.module, t.param_name) for t in self.targets]
+            assert_same_on_ranks(checksum(masks, modulus=997), f"masks after pruning step {self._step}")
 
     # ------------------------------------------------------------ reporting
     @torch.no_grad()

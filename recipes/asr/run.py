@@ -27,7 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import csprune
 from csprune import tblog
-from csprune.checkpoint import check_compatible, latest_checkpoint, load_checkpoint, save_checkpoint
+from csprune.distributed import check_weights_agree, init_distributed, wrap_ddp
+from csprune.checkpoint import check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
 from csprune.recipe import build_pruner, fit, seed_everything, validate_prune_config, warmup_cosine, write_json
 from recipes.asr.config import register_configs
 from recipes.asr.data import ASRBatch, AN4Dataset, LengthBucketBatchSampler, collate_asr, default_an4_root, read_an4_split
@@ -38,12 +39,6 @@ from recipes.asr.text import CharVocab, char_error_rate, word_error_rate
 # Tensors the pruner targets when prune.targets is null: the encoder blocks of the Conformer (the
 # subsampling convs and the output layer are small and sensitive); every supported weight of the RNN-T.
 DEFAULT_TARGETS = {"conformer_ctc": ["encoder.*"], "lstm_rnnt": None}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def model_kwargs(model_cfg: dict) -> tuple[str, dict]:
@@ -173,118 +168,9 @@ def _run_dir(cfg: DictConfig) -> Path:
         return Path("outputs/asr/manual")
 
 
-def _init_distributed(cfg: DictConfig) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); joins the torchrun process group when ``WORLD_SIZE`` > 1.
-
-    NCCL on GPU, gloo on CPU; each rank takes the GPU of its ``LOCAL_RANK``. Inside a multi-task
-    SLURM job started by the submitit launcher, the environment comes from submitit instead.
-    """
-    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SUBMITIT_FOLDER" in os.environ:
-        # A multi-task job from the submitit SLURM launcher: export RANK/WORLD_SIZE/MASTER_* as torchrun would.
-        from submitit.helpers import TorchDistributedEnvironment
-
-        TorchDistributedEnvironment().export()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(cfg.trainer.device)
-    if world <= 1:
-        return 0, 1, device
-    import torch.distributed as dist
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-class _LossModule(torch.nn.Module):
-    """``forward = model.loss``, so DDP sees the training forward (it only hooks ``__call__``)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(*inputs)
-
-
-def _wrap_ddp(model: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
-    """The module ``fit`` trains: the model itself, or a DDP wrapper around its loss.
-
-    Wrap *after* the Pruner is built: parametrizations replace parameters and DDP snapshots the
-    parameter list when it wraps.
-    """
-    if world <= 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(_LossModule(model), device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _weights_checksum(model: torch.nn.Module) -> torch.Tensor:
-    """[2] float64: Σw and a position-weighted Σw over every parameter and buffer (rank comparison)."""
-    total = torch.zeros(2, dtype=torch.float64)
-    for i, (name, t) in enumerate(sorted(model.state_dict().items())):
-        if not t.is_floating_point():
-            continue
-        v = t.detach().reshape(-1).double().cpu()
-        total[0] += v.sum()
-        total[1] += (v * torch.arange(1, v.numel() + 1, dtype=torch.float64).remainder(1009)).sum() * (i + 1)
-    return total
-
-
-def _check_weights_agree(model: torch.nn.Module, world: int) -> None:
-    """Under DDP, the final weights must be bit-identical on every rank (mismatch is an error)."""
-    if world <= 1:
-        return
-    import torch.distributed as dist
-
-    mine = _weights_checksum(model)
-    if dist.get_backend() == "nccl":
-        mine = mine.cuda()
-    gathered = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine)
-    bad = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
-    if bad:
-        raise RuntimeError(f"DDP: final weights of ranks {bad} differ from rank 0's (checksums {[g.tolist() for g in gathered]})")
-
-
 # Config keys that do not change the training trajectory: a checkpoint stays valid when they change.
-_RESUME_FREE = {"trainer": ("resume", "checkpoint_every", "keep_last", "threads", "device", "log_every"),
-                "data": ("root", "cache_dir")}
-_RESUME_FREE_TOP = ("output_dir", "mode", "ckpt", "input")
-
-
-def _compat_record(container: dict, model: torch.nn.Module, model_cfg: dict) -> dict:
-    """What a training checkpoint must match to be resumed: model config, parameter shapes, config."""
-    config = {k: v for k, v in container.items() if k not in _RESUME_FREE_TOP and k != "model"}
-    for group, keys in _RESUME_FREE.items():
-        if isinstance(config.get(group), dict):
-            config[group] = {k: v for k, v in config[group].items() if k not in keys}
-    flat = {}
-    for group, value in config.items():
-        if isinstance(value, dict):
-            flat.update({f"{group}.{k}": v for k, v in value.items()})
-        else:
-            flat[group] = value
-    shapes = {name: list(p.shape) for name, p in model.state_dict().items()}
-    return {"model": dict(model_cfg), "parameters": shapes, "config": flat}
-
-
-def _find_resume(tc: DictConfig, ckpt_dir: Path) -> tuple[Path, dict] | None:
-    """The checkpoint to resume from according to ``trainer.resume`` (false | true | auto)."""
-    mode = str(tc.resume).lower()
-    if mode in ("false", "none", "0"):
-        return None
-    if mode not in ("true", "auto", "1"):
-        raise ValueError(f"trainer.resume={tc.resume!r}: expected false, true or auto")
-    found = latest_checkpoint(ckpt_dir)
-    if found is None and mode != "auto":
-        raise FileNotFoundError(f"trainer.resume=true: no readable checkpoint in {ckpt_dir} (use trainer.resume=auto "
-                                f"to start fresh when there is none)")
-    return found
+RESUME_FREE = {"trainer": ("resume", "checkpoint_every", "keep_last", "threads", "device", "log_every"),
+               "data": ("root", "cache_dir"), "": ("output_dir", "mode", "ckpt", "input")}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -312,12 +198,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_dir = run_dir / "checkpoints"
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    rank, world, device = _init_distributed(cfg)
+    rank, world, device = init_distributed(cfg.trainer.device)
     main_rank = rank == 0
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    resumed = _find_resume(tc, ckpt_dir)
+    resumed = find_resume(tc.resume, ckpt_dir)
     state = resumed[1] if resumed else None
 
     init = load_checkpoint(cfg.init_from) if cfg.init_from else None
@@ -326,7 +212,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data = Data(cfg, vocab, GlobalCMVN.from_dict(init["cmvn"]) if init else None, cfg.seed, rank=rank, world=world)
     model = make_model(model_cfg, vocab).to(device)
     params = count_parameters(model)
-    compat = _compat_record(container, model, model_cfg)
+    compat = compat_record(container, model, model_cfg, RESUME_FREE)
     if state is not None:
         check_compatible(state, compat, resumed[0])
         print(f"resuming from {resumed[0]} (stage {state['stage']}, step {state['progress']['step']})", flush=True)
@@ -374,7 +260,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             progress = state["progress"]
             train_seconds = state["train_seconds"]
         t0 = time.perf_counter() - train_seconds
-        trained = _wrap_ddp(model, world, device)
+        trained = wrap_ddp(model, world, device)
         save = saver("train", {"optimizer": opt.state_dict, "lr_scheduler": sched.state_dict,
                                "train_seconds": lambda: time.perf_counter() - t0})
         step = fit(trained, data.train_batches, loss_fn, opt, sched, tc.epochs, writer=writer, step=step,
@@ -430,7 +316,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if main_rank:
                 print(f"one-shot {p['method']} to {p['sparsity']}: WER {oneshot['wer']:.4f} before fine-tuning "
                       f"({report['seconds']:.1f}s pruning)", flush=True)
-        trained = _wrap_ddp(model, world, device)  # after the pruner's parametrizations exist
+        trained = wrap_ddp(model, world, device)  # after the pruner's parametrizations exist
         save = saver("finetune", {"optimizer": opt.state_dict, "lr_scheduler": sched.state_dict, "pruner": pruner.state_dict,
                                   "dense_metrics": dense_metrics, "train_seconds": train_seconds,
                                   "metrics": lambda: {k: v for k, v in metrics.items() if k.startswith("oneshot_")},
@@ -445,7 +331,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics.update(prune_stats_bytes=pruner.last_report.get("stats_bytes", 0),
                            prune_gram_bytes_peak=pruner.last_report.get("gram_bytes_peak", 0))
         pruner.finalize()
-    _check_weights_agree(model, world)
+    check_weights_agree(model, world)
     if not main_rank:
         return metrics
 
