@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import masks as M
+from .progress import progress
 from .distributed import assert_same_on_ranks, checksum, is_distributed
 from .methods.base import LayerContext, Method, Selection, keep_from_scores, nm_keep, parse_pattern
 from .schedules import OneShot, Schedule
@@ -208,7 +209,10 @@ class Pruner:
             keeps = [nm_keep(s, *self.pattern) for s in scores]
         else:
             keeps = keep_from_scores(scores, level, self.scope)
-        selections: list[Selection] = [self.method.select(w, k, ctx) for w, k, ctx in zip(rows, keeps, contexts)]
+        selections: list[Selection] = [
+            self.method.select(w, k, ctx)
+            for w, k, ctx in progress(list(zip(rows, keeps, contexts)), desc=f"{self.method.name} masks")
+        ]
         # Apply.
         per_tensor = {}
         gram_peak = 0

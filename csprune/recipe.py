@@ -25,16 +25,16 @@ import contextlib
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
 from .methods import CSP, Magnitude, Method, Random, Wanda
+from .progress import is_tty, progress
 from .pruner import Pruner
 from .schedules import Cubic, Linear, OneShot, Schedule
 
@@ -101,19 +101,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def is_tty() -> bool:
-    return sys.stdout.isatty()
-
-
-def progress(iterable: Iterable, desc: str, total: int | None = None):
-    """tqdm bar on a terminal; silent otherwise (callers print one line per epoch)."""
-    if not is_tty():
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:

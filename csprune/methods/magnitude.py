@@ -6,7 +6,7 @@ import zlib
 
 import torch
 
-from .base import LayerContext, Method, Selection
+from .base import Method, Selection
 from .refit import refit_selection
 
 __all__ = ["Magnitude", "Random"]

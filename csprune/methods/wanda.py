@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
-from .base import LayerContext, Method, Selection
+from .base import Method, Selection
 from .refit import refit_selection
 
 __all__ = ["Wanda"]

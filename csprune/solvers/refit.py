@@ -105,7 +105,7 @@ def _refit_cg(
         (coef [o, n], iterations, max relative residual).
     """
     m = mask.to(xy.dtype)
-    g, n = gram3.shape[0], gram3.shape[-1]
+    g = gram3.shape[0]
     diag = torch.diagonal(gram3, dim1=-2, dim2=-1).repeat_interleave(xy.shape[0] // g, dim=0)
     precond = torch.where(mask & (diag > 0), 1.0 / diag.clamp_min(torch.finfo(xy.dtype).tiny), m)
 

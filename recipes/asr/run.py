@@ -11,7 +11,6 @@ Each run folder holds metrics.json, TensorBoard events, dense.pt (the dense mode
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import sys
@@ -29,6 +28,7 @@ import csprune
 from csprune import tblog
 from csprune.distributed import check_weights_agree, init_distributed, wrap_ddp
 from csprune.checkpoint import check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
+from csprune.progress import progress
 from csprune.recipe import build_pruner, fit, seed_everything, validate_prune_config, warmup_cosine, write_json
 from recipes.asr.config import register_configs
 from recipes.asr.data import ASRBatch, AN4Dataset, LengthBucketBatchSampler, collate_asr, default_an4_root, read_an4_split
@@ -138,7 +138,7 @@ def evaluate(model: torch.nn.Module, batches, vocab: CharVocab, device: torch.de
     """Greedy-decoding WER and CER over the given batches."""
     model.eval()
     refs, hyps = [], []
-    for batch in batches:
+    for batch in progress(batches, desc="evaluate"):
         b = batch.to(device)
         for ids in model.greedy_decode(b.feats, b.feat_lens):
             hyps.append(vocab.decode(ids))
