@@ -83,7 +83,8 @@ def build_report(folders: Sequence[str | os.PathLike]) -> Report:
     label, scale, lower_better = METRICS.get(primary, (primary, 1.0, True))
     cells: dict[tuple[str, float], list[dict]] = {}
     for r in runs:
-        cells.setdefault((str(r.get("method", "dense")), float(r.get("sparsity", 0.0))), []).append(r)
+        name = r.get("label") or r.get("method", "dense")  # recipes label non-default schedules, e.g. "csp-cubic"
+        cells.setdefault((str(name), float(r.get("sparsity", 0.0))), []).append(r)
     best: dict[float, float] = {}
     for (method, s), rs in cells.items():
         vals = [r[primary] for r in rs if isinstance(r.get(primary), (int, float))]

@@ -41,6 +41,15 @@ from recipes.asr.text import CharVocab, char_error_rate, word_error_rate
 DEFAULT_TARGETS = {"conformer_ctc": ["encoder.*"], "lstm_rnnt": None}
 
 
+# The schedule each method is known by; another schedule shows in the report as "method-schedule".
+CONVENTIONAL_SCHEDULE = {"gmp": "cubic"}
+
+
+def method_label(method: str, schedule: str) -> str:
+    """Report label: "csp", "gmp", or e.g. "csp-cubic" for a method run on a non-default schedule."""
+    return method if schedule == CONVENTIONAL_SCHEDULE.get(method, "oneshot") else f"{method}-{schedule}"
+
+
 def model_kwargs(model_cfg: dict) -> tuple[str, dict]:
     cfg = dict(model_cfg)
     return cfg.pop("name"), cfg
@@ -326,7 +335,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                    save=save, save_every=tc.checkpoint_every, resume=progress, data_rng=data_rng)
         metrics["finetune_seconds"] = time.perf_counter() - t0
         metrics["sparsity_actual"] = pruner.sparsity()["total"]
-        metrics.update(method=p["method"], sparsity=p["sparsity"])
+        metrics.update(method=p["method"], sparsity=p["sparsity"], schedule=p["schedule"],
+                       label=method_label(p["method"], p["schedule"]))
         if pruner.last_report:
             metrics.update(prune_stats_bytes=pruner.last_report.get("stats_bytes", 0),
                            prune_gram_bytes_peak=pruner.last_report.get("gram_bytes_peak", 0))
