@@ -22,7 +22,7 @@ import torch
 
 from ..solvers import SOLVERS, refit, solve
 from .base import LayerContext, Method, Selection, nm_keep, rank_keep
-from .refit import relative_error
+from .refit import relative_error, row_error
 from .sensing import SENSINGS, grouped_xy, sensing_gram
 
 __all__ = ["CSP"]
@@ -42,6 +42,8 @@ class CSP(Method):
         train_l1: λ_train of ``Pruner.penalty()``: λ_train·Σ‖W‖₁ over targets, annealed to 0 by
             the end of the schedule (0: off, training is left alone).
         solver_options: extra keyword arguments for ``csprune.solvers.solve``.
+        safeguard: per row, fall back to the refit top-|w| (or saliency) support when it has a lower
+            error than the solver's; greedy recovery is not optimal, and this costs two batched refits.
     """
 
     name = "csp"
@@ -54,6 +56,7 @@ class CSP(Method):
         gaussian_ratio: float = 0.5,
         train_l1: float = 0.0,
         solver_options: dict | None = None,
+        safeguard: bool = True,
     ):
         if sensing not in SENSINGS:
             raise ValueError(f"sensing={sensing!r}: expected one of {SENSINGS}")
@@ -69,6 +72,7 @@ class CSP(Method):
         self.gaussian_ratio = gaussian_ratio
         self.train_l1 = float(train_l1)
         self.solver_options = dict(solver_options or {})
+        self.safeguard = safeguard
         self.stats_mode = "full" if sensing == "activations" else None
 
     def _gram(self, rows: torch.Tensor, ctx: LayerContext) -> tuple[torch.Tensor, str]:
@@ -113,12 +117,25 @@ class CSP(Method):
         key = key.masked_fill(~ctx.allowed, -1.0)
         mask = nm_keep(key, *ctx.pattern) if ctx.pattern else rank_keep(key, k_rows)
         values = theta if torch.equal(mask, theta != 0) else refit(gram, xy, mask)
+        # Safeguard (DESIGN §3: CSP must never lose to magnitude+refit): per row, keep whichever of the
+        # solver's support, the top-|w| support and the saliency-ranked support has the lowest error.
+        fallbacks = 0
+        if self.safeguard:
+            magnitude_key = abs_w.masked_fill(~ctx.allowed, -1.0)
+            for cand in (nm_keep(magnitude_key, *ctx.pattern) if ctx.pattern else rank_keep(magnitude_key, k_rows), keep):
+                cand_values = refit(gram, xy, cand)
+                better = row_error(gram, rows, cand_values) < row_error(gram, rows, values)
+                if better.any():
+                    fallbacks += int(better.sum())
+                    mask = torch.where(better.unsqueeze(1), cand, mask)
+                    values = torch.where(better.unsqueeze(1), cand_values, values)
         info = {
             "solver_iters": float(result.n_iter),
             "solver_gap": float(result.gap),
             "solver_seconds": seconds,
             "rel_error": relative_error(gram, rows, values),
             "sensing": used,
+            "safeguard_rows": float(fallbacks),
         }
         return Selection(mask, values, info)
 

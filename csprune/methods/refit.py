@@ -8,7 +8,7 @@ from ..solvers import refit
 from .base import LayerContext, Selection
 from .sensing import grouped_xy, sensing_gram
 
-__all__ = ["refit_selection", "relative_error"]
+__all__ = ["refit_selection", "relative_error", "row_error"]
 
 
 def relative_error(gram: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> float:
@@ -23,6 +23,12 @@ def relative_error(gram: torch.Tensor, rows: torch.Tensor, values: torch.Tensor)
     num = (grouped_xy(gram, diff) * diff).sum()
     den = (grouped_xy(gram, rows) * rows).sum().clamp_min(1e-30)
     return float(num / den)
+
+
+def row_error(gram: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(w−θ)ᵀG(w−θ) per row, [o] (the CSP objective up to ½)."""
+    diff = rows - values
+    return (grouped_xy(gram, diff) * diff).sum(1)
 
 
 def refit_selection(rows: torch.Tensor, keep: torch.Tensor, ctx: LayerContext, damping: float,
