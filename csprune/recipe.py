@@ -22,13 +22,14 @@ max_gram_bytes cap on one layer's Gram accumulator (column blocks above it)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -38,8 +39,43 @@ from .progress import is_tty, progress
 from .pruner import Pruner
 from .schedules import Cubic, Linear, OneShot, Schedule
 
-__all__ = ["build_method", "build_schedule", "build_pruner", "validate_prune_config", "fit", "warmup_cosine",
+__all__ = ["PruneConfig", "build_method", "build_schedule", "build_pruner", "validate_prune_config", "fit", "warmup_cosine",
            "seed_everything", "progress", "write_json", "is_tty"]
+
+
+@dataclasses.dataclass
+class PruneConfig:
+    """Schema of ``conf/prune/*.yaml`` (both recipes register it as ``prune/prune_schema``).
+
+    Plain dataclass: Hydra's ConfigStore turns it into a structured config, so a typo such as
+    ``prune.sparsty=0.5`` fails before any work; the reason for each default is beside it.
+    """
+
+    method: str = "csp"  # csp | gmp | magnitude | wanda | random
+    sparsity: float = 0.7  # final fraction of zeros in the targets
+    schedule: str = "oneshot"  # oneshot | cubic | linear (gmp uses cubic)
+    ramp_epochs: float = 1.0  # gradual schedules reach the final sparsity after this much fine-tuning
+    frequency: int = 100  # steps between mask updates of gradual schedules (Zhu & Gupta)
+    scope: str = "layer"  # row | layer | global
+    pattern: str = "unstructured"  # or N:M such as 2:4
+    targets: Optional[List[str]] = None  # fqn globs; None: the recipe's default for the model
+    exclude: List[str] = dataclasses.field(default_factory=list)
+    sensing: str = "activations"  # csp: activations | gaussian | identity
+    solver: str = "omp"  # csp: omp | fista | cvxpy | sklearn
+    damping: float = 0.01  # δ of G + δ·mean(diag G)·I
+    gaussian_ratio: float = 0.5  # ρ = m/n of gaussian sensing
+    train_l1: float = 0.0  # csp: λ_train of the annealed ℓ1 penalty (0: off)
+    solver_options: Any = dataclasses.field(default_factory=dict)
+    refit: bool = False  # magnitude/wanda: least-squares refit of kept weights
+    seed: int = 0  # random: mask seed
+    stats_steps: int = 8  # batches observed before each mask update
+    calib_batches: int = 8  # one-shot: training batches (no augmentation) observed before pruning
+    regrow: bool = False  # allow pruned weights back at later updates
+    finetune_epochs: int = 4  # fine-tuning after pruning (same for every method: a fair budget)
+    finetune_lr: float = 5e-4  # a quarter of the dense peak LR, cosine-decayed
+    values_dtype: str = "float32"  # exported values: float32 | float16 | bfloat16 | int8
+    max_gram_bytes: Optional[int] = None  # cap on one layer's Gram (8·n² bytes); larger layers use column blocks. None: exact
+
 
 
 def build_method(p: Mapping[str, Any]) -> Method:

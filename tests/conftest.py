@@ -16,7 +16,7 @@ def an4_root() -> Path:
     lists = [root / "etc" / f"an4_{split}.{kind}" for split in ("train", "test") for kind in ("fileids", "transcription")]
     if all(path.is_file() for path in lists) and (root / "wav").is_dir():
         return root
-    message = f"AN4 corpus not found at '{root}': set AN4_ROOT to the corpus folder (see recipes/asr/data.py)"
+    message = f"AN4 corpus not found at '{root}': set AN4_ROOT to the corpus folder (see csprune/an4.py)"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)

@@ -8,9 +8,11 @@ reachable from the command line (``model.num_layers=4``, ``prune.solver=fista``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
+
+from csprune.recipe import PruneConfig
 
 
 @dataclass
@@ -68,34 +70,6 @@ class TrainerConfig:
     checkpoint_every: int = 0  # optimizer steps between training checkpoints (0: none; >0 also writes one at each stage's end)
     keep_last: int = 3  # newest training checkpoints kept: enough to survive a corrupt newest one
     resume: str = "false"  # false | true (newest valid checkpoint in output_dir/checkpoints, error if none) | auto (resume if any)
-
-
-@dataclass
-class PruneConfig:
-    method: str = "csp"  # csp | gmp | magnitude | wanda | random
-    sparsity: float = 0.7  # final fraction of zeros in the targets
-    schedule: str = "oneshot"  # oneshot | cubic | linear (gmp uses cubic)
-    ramp_epochs: float = 1.0  # gradual schedules reach the final sparsity after this much fine-tuning
-    frequency: int = 100  # steps between mask updates of gradual schedules (Zhu & Gupta)
-    scope: str = "layer"  # row | layer | global
-    pattern: str = "unstructured"  # or N:M such as 2:4
-    targets: Optional[List[str]] = None  # fqn globs; None: the model's default (conformer: encoder.*)
-    exclude: List[str] = field(default_factory=list)
-    sensing: str = "activations"  # csp: activations | gaussian | identity
-    solver: str = "omp"  # csp: omp | fista | cvxpy | sklearn
-    damping: float = 0.01  # δ of G + δ·mean(diag G)·I
-    gaussian_ratio: float = 0.5  # ρ = m/n of gaussian sensing
-    train_l1: float = 0.0  # csp: λ_train of the annealed ℓ1 penalty (0: off)
-    solver_options: Any = field(default_factory=dict)
-    refit: bool = False  # magnitude/wanda: least-squares refit of kept weights
-    seed: int = 0  # random: mask seed
-    stats_steps: int = 8  # batches observed before each mask update
-    calib_batches: int = 8  # one-shot: training batches (no augmentation) observed before pruning
-    regrow: bool = False  # allow pruned weights back at later updates
-    finetune_epochs: int = 4  # fine-tuning after pruning (same for every method: a fair budget)
-    finetune_lr: float = 5e-4  # a quarter of the dense peak LR, cosine-decayed
-    values_dtype: str = "float32"  # exported values: float32 | float16 | bfloat16 | int8
-    max_gram_bytes: Optional[int] = None  # cap on one layer's Gram (8·n² bytes); larger layers use column blocks. None: exact
 
 
 @dataclass

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 import csprune
 from csprune import tblog
 from csprune.distributed import check_weights_agree, init_distributed, wrap_ddp
+from csprune.an4 import read_audio
 from csprune.checkpoint import check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
 from csprune.progress import progress
 from csprune.recipe import build_pruner, fit, seed_everything, validate_prune_config, warmup_cosine, write_json
@@ -383,27 +384,13 @@ def transcribe(cfg: DictConfig) -> str:
     csprune.load_sparse(cfg.ckpt, model=model)
     model.eval()
     fbank = FbankConfig(**meta["fbank"])
-    wave = read_any_audio(cfg.input, fbank.sample_rate)
+    wave = read_audio(cfg.input, fbank.sample_rate)
     feats = GlobalCMVN.from_dict(meta["cmvn"])(compute_fbank(wave, fbank))
     with torch.no_grad():
         ids = model.greedy_decode(feats.unsqueeze(0), torch.tensor([feats.shape[0]]))[0]
     text = vocab.decode(ids)
     print(text)
     return text
-
-
-def read_any_audio(path: str, sample_rate: int) -> torch.Tensor:
-    """Mono waveform [samples] at ``sample_rate`` from any file soundfile reads (resampled if needed)."""
-    import soundfile as sf
-    import torchaudio
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"input={path}: no such file")
-    audio, rate = sf.read(path, dtype="float32", always_2d=True)
-    wave = torch.from_numpy(audio.mean(axis=1))
-    if rate != sample_rate:
-        wave = torchaudio.functional.resample(wave, rate, sample_rate)
-    return wave
 
 
 register_configs()
