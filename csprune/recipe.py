@@ -40,7 +40,7 @@ from .pruner import Pruner
 from .schedules import Cubic, Linear, OneShot, Schedule
 
 __all__ = ["PruneConfig", "build_method", "build_schedule", "build_pruner", "validate_prune_config", "fit", "warmup_cosine",
-           "seed_everything", "progress", "write_json", "is_tty"]
+           "seed_everything", "method_label", "progress", "write_json", "is_tty"]
 
 
 @dataclasses.dataclass
@@ -130,6 +130,15 @@ def build_pruner(model: torch.nn.Module, p: Mapping[str, Any], optimizer: torch.
         regrow=p.get("regrow", False),
         max_gram_bytes=p.get("max_gram_bytes"),
     )
+
+
+# The schedule each method is known by; another schedule shows in reports as "method-schedule".
+CONVENTIONAL_SCHEDULE = {"gmp": "cubic"}
+
+
+def method_label(method: str, schedule: str) -> str:
+    """Report label: "csp", "gmp", or e.g. "csp-cubic" for a method run on a non-default schedule."""
+    return method if schedule == CONVENTIONAL_SCHEDULE.get(method, "oneshot") else f"{method}-{schedule}"
 
 
 def seed_everything(seed: int) -> None:

@@ -22,14 +22,16 @@ def an4_root() -> Path:
     pytest.skip(message)
 
 
-def cfg_for(*overrides: str):
-    """The ASR recipe's config composed with ``overrides`` (as on the command line)."""
+def cfg_for(*overrides: str, recipe: str = "asr"):
+    """A recipe's config (``conf/<recipe>.yaml``) composed with ``overrides`` (as on the command line)."""
+    import importlib
+
     from hydra import compose, initialize_config_dir
 
-    import recipes.asr.run  # noqa: F401  registers the structured configs
+    importlib.import_module(f"recipes.{recipe}.run")  # registers the structured configs
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("asr", overrides=list(overrides))
+        return compose(recipe, overrides=list(overrides))
 
 
 @pytest.fixture(scope="session")

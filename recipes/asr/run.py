@@ -30,7 +30,7 @@ from csprune.distributed import check_weights_agree, init_distributed, wrap_ddp
 from csprune.an4 import read_audio
 from csprune.checkpoint import check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
 from csprune.progress import progress
-from csprune.recipe import build_pruner, fit, seed_everything, validate_prune_config, warmup_cosine, write_json
+from csprune.recipe import build_pruner, fit, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
 from recipes.asr.config import register_configs
 from recipes.asr.data import ASRBatch, AN4Dataset, LengthBucketBatchSampler, collate_asr, default_an4_root, read_an4_split
 from recipes.asr.features import FbankConfig, FeatureCache, GlobalCMVN, SpecAugment, compute_fbank
@@ -40,15 +40,6 @@ from recipes.asr.text import CharVocab, char_error_rate, word_error_rate
 # Tensors the pruner targets when prune.targets is null: the encoder blocks of the Conformer (the
 # subsampling convs and the output layer are small and sensitive); every supported weight of the RNN-T.
 DEFAULT_TARGETS = {"conformer_ctc": ["encoder.*"], "lstm_rnnt": None}
-
-
-# The schedule each method is known by; another schedule shows in the report as "method-schedule".
-CONVENTIONAL_SCHEDULE = {"gmp": "cubic"}
-
-
-def method_label(method: str, schedule: str) -> str:
-    """Report label: "csp", "gmp", or e.g. "csp-cubic" for a method run on a non-default schedule."""
-    return method if schedule == CONVENTIONAL_SCHEDULE.get(method, "oneshot") else f"{method}-{schedule}"
 
 
 def model_kwargs(model_cfg: dict) -> tuple[str, dict]:

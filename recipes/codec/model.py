@@ -1,0 +1,276 @@
+"""CMRL: cascaded Kankanahalli-Net modules with soft-to-hard scalar quantizers.
+
+One component module (Kankanahalli, ICASSP 2018; Zhen et al., Interspeech 2019) maps a frame of
+512 samples to a 256-value tanh code and back::
+
+    encoder  [B, 512] -> conv(1->W) -> R blocks -> conv stride 2 -> R blocks -> conv(W->1) -> tanh -> [B, 256]
+    quantize [B, 256] -> soft assignment to K learnable centroids (hard at inference)
+    decoder  [B, 256] -> conv(1->W) -> R blocks -> conv(W->2W) + sub-pixel shuffle -> R blocks -> conv(W->1) -> [B, 512]
+
+A residual block is the bottleneck ``x + conv1x1(N->W)(prelu(conv_k(N->N, dilation)(prelu(conv1x1(W->N)(x)))))``
+with wide W = 100, narrow N = 20 channels, kernel 9 and dilations alternating 1, 2. :class:`CMRL`
+cascades M modules: module m codes the frame residual left by modules 0..m-1, and the decoded
+frame is the sum of the modules' outputs.
+
+Tensor shapes: frames [B, frame_len] float32; codes [B, code_len]; centroid indices int64 [B, code_len].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["ModuleConfig", "ResidualBlock", "Encoder", "Decoder", "SoftToHardQuantizer", "CodecModule", "CMRL",
+           "count_parameters"]
+
+
+@dataclass
+class ModuleConfig:
+    """Hyperparameters of one CMRL component module (the defaults are Kankanahalli-Net's)."""
+
+    frame_len: int = 512  # 32 ms at 16 kHz: Kankanahalli's window
+    wide: int = 100  # channels outside the bottleneck
+    narrow: int = 20  # bottleneck channels
+    kernel: int = 9  # every non-1x1 conv
+    dilations: tuple[int, ...] = field(default=(1, 2))  # cycled over a stage's blocks
+    blocks: int = 6  # residual blocks per stage (4 stages: 2 encoder, 2 decoder) -> ~0.45M parameters
+    centroids: int = 32  # scalar quantizer levels (Kankanahalli: 32)
+    signal_scale: float = 0.05  # typical RMS of the input (-26 dBFS speech): the nets see unit-scale signals
+
+    @property
+    def code_len(self) -> int:
+        """Code values per frame: the frame is downsampled once by 2."""
+        return self.frame_len // 2
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _conv(c_in: int, c_out: int, kernel: int, stride: int = 1, dilation: int = 1) -> nn.Conv1d:
+    """Length-preserving (stride 1) or halving (stride 2) conv with 'same'-style padding."""
+    return nn.Conv1d(c_in, c_out, kernel, stride=stride, dilation=dilation, padding=dilation * (kernel - 1) // 2)
+
+
+class ResidualBlock(nn.Module):
+    """Bottleneck residual block: [B, W, T] -> [B, W, T]."""
+
+    def __init__(self, wide: int, narrow: int, kernel: int, dilation: int):
+        super().__init__()
+        self.squeeze = nn.Conv1d(wide, narrow, 1)
+        self.act1 = nn.PReLU(narrow)
+        self.conv = _conv(narrow, narrow, kernel, dilation=dilation)
+        self.act2 = nn.PReLU(narrow)
+        self.expand = nn.Conv1d(narrow, wide, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.expand(self.act2(self.conv(self.act1(self.squeeze(x)))))
+
+
+def _stage(cfg: ModuleConfig) -> nn.Sequential:
+    return nn.Sequential(*[ResidualBlock(cfg.wide, cfg.narrow, cfg.kernel, cfg.dilations[i % len(cfg.dilations)])
+                           for i in range(cfg.blocks)])
+
+
+class Encoder(nn.Module):
+    """Frame [B, frame_len] -> tanh code [B, frame_len // 2]."""
+
+    def __init__(self, cfg: ModuleConfig):
+        super().__init__()
+        self.in_conv = _conv(1, cfg.wide, cfg.kernel)
+        self.in_act = nn.PReLU(cfg.wide)
+        self.stage1 = _stage(cfg)
+        self.down = _conv(cfg.wide, cfg.wide, cfg.kernel, stride=2)
+        self.down_act = nn.PReLU(cfg.wide)
+        self.stage2 = _stage(cfg)
+        self.out_conv = _conv(cfg.wide, 1, cfg.kernel)
+        self.signal_scale = cfg.signal_scale
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        x = self.in_act(self.in_conv((frames / self.signal_scale).unsqueeze(1)))
+        x = self.down_act(self.down(self.stage1(x)))
+        return torch.tanh(self.out_conv(self.stage2(x))).squeeze(1)
+
+
+class Decoder(nn.Module):
+    """Code [B, code_len] -> frame [B, 2·code_len], upsampling by a 1-D sub-pixel shuffle."""
+
+    def __init__(self, cfg: ModuleConfig):
+        super().__init__()
+        self.in_conv = _conv(1, cfg.wide, cfg.kernel)
+        self.in_act = nn.PReLU(cfg.wide)
+        self.stage1 = _stage(cfg)
+        self.up = _conv(cfg.wide, 2 * cfg.wide, cfg.kernel)
+        self.up_act = nn.PReLU(cfg.wide)
+        self.stage2 = _stage(cfg)
+        self.out_conv = _conv(cfg.wide, 1, cfg.kernel)
+        with torch.no_grad():  # start near "decode to silence": the first steps need not undo a loud random output
+            self.out_conv.weight.mul_(0.1)
+        self.signal_scale = cfg.signal_scale
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        x = self.stage1(self.in_act(self.in_conv(code.unsqueeze(1))))
+        y = self.up(x)  # [B, 2W, T]: channel pairs (c, W + c) become samples 2t and 2t+1 of channel c
+        b, c2, t = y.shape
+        y = y.view(b, 2, c2 // 2, t).permute(0, 2, 3, 1).reshape(b, c2 // 2, 2 * t)
+        x = self.stage2(self.up_act(y))
+        return self.out_conv(x).squeeze(1) * self.signal_scale
+
+
+class SoftToHardQuantizer(nn.Module):
+    """Scalar quantizer with K learnable centroids (Agustsson et al. 2017; Kankanahalli 2018).
+
+    Soft assignment ``a_k = softmax_k(−α·(x − c_k)²)``; the soft value is ``Σ a_k c_k`` (training),
+    the hard value the nearest centroid (inference). The entropy estimate comes from the soft
+    histogram ``p_k = mean over values of a_k``. ``code_probs`` (a buffer) is the distribution the
+    bitstream's entropy coder uses: a running average of the hard histogram during training,
+    recomputed exactly by :meth:`set_code_probs` after training.
+
+    Attributes:
+        centroids: [K] learnable levels, initialised evenly over the tanh range.
+        log_alpha: learnable log-sharpness α.
+        code_probs: [K] buffer, the coder's symbol distribution.
+    """
+
+    def __init__(self, num_centroids: int = 32, ema: float = 0.99):
+        super().__init__()
+        self.centroids = nn.Parameter(torch.linspace(-1.0, 1.0, num_centroids))
+        spacing = 2.0 / (num_centroids - 1)
+        # α·spacing² = 1 at the start: neighbours overlap (useful gradients) but assignments are not uniform.
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(1.0 / spacing**2)))
+        self.register_buffer("code_probs", torch.full((num_centroids,), 1.0 / num_centroids))
+        self.ema = ema  # running hard histogram: ~100 batches of memory
+
+    @property
+    def num_centroids(self) -> int:
+        return self.centroids.numel()
+
+    def assignments(self, x: torch.Tensor) -> torch.Tensor:
+        """Soft assignments [..., K] of values x [...]."""
+        dist = (x.unsqueeze(-1) - self.centroids) ** 2
+        return torch.softmax(-self.log_alpha.exp() * dist, dim=-1)
+
+    def indices(self, x: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest centroid, int64 [...]."""
+        return (x.unsqueeze(-1) - self.centroids).abs().argmin(dim=-1)
+
+    def dequantize(self, idx: torch.Tensor) -> torch.Tensor:
+        """Centroid values [...] of indices [...]."""
+        return self.centroids[idx]
+
+    def forward(self, x: torch.Tensor, hard: bool | None = None) -> dict[str, torch.Tensor]:
+        """Quantize a code.
+
+        Args:
+            x: [B, C] tanh code.
+            hard: nearest centroid (True) or soft assignment (False); None: soft in training mode only.
+
+        Returns:
+            ``{"q": [B, C] quantized code, "idx": [B, C] int64 nearest centroids, "entropy": soft-histogram
+            entropy in bits per value (0-dim; 0 when hard), "penalty": mean (soft − hard)² (0-dim)}``.
+        """
+        hard = (not self.training) if hard is None else hard
+        idx = self.indices(x)
+        q_hard = self.dequantize(idx)
+        if hard:
+            zero = x.new_zeros(())
+            return {"q": q_hard, "idx": idx, "entropy": zero, "penalty": zero}
+        a = self.assignments(x)
+        q_soft = (a * self.centroids).sum(-1)
+        p = a.reshape(-1, a.shape[-1]).mean(0)
+        entropy = -(p * torch.log2(p.clamp_min(1e-12))).sum()
+        with torch.no_grad():
+            counts = torch.bincount(idx.reshape(-1), minlength=self.num_centroids).to(self.code_probs)
+            self.code_probs.mul_(self.ema).add_(counts / counts.sum(), alpha=1 - self.ema)
+        return {"q": q_soft, "idx": idx, "entropy": entropy, "penalty": ((q_soft - q_hard.detach()) ** 2).mean()}
+
+    @torch.no_grad()
+    def set_code_probs(self, counts: torch.Tensor, pseudo_count: float = 0.5) -> None:
+        """Set the coder's distribution from hard-code counts [K] (+ a pseudo-count so no symbol has p = 0)."""
+        counts = counts.to(self.code_probs) + pseudo_count
+        self.code_probs.copy_(counts / counts.sum())
+
+
+class CodecModule(nn.Module):
+    """One CMRL component: encoder, quantizer, decoder."""
+
+    def __init__(self, cfg: ModuleConfig):
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        self.quantizer = SoftToHardQuantizer(cfg.centroids)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, frames: torch.Tensor, hard: bool | None = None) -> dict[str, torch.Tensor]:
+        """frames [B, L] -> ``{"decoded": [B, L], "idx": [B, L/2], "entropy", "penalty"}``."""
+        out = self.quantizer(self.encoder(frames), hard=hard)
+        out["decoded"] = self.decoder(out["q"])
+        return out
+
+
+class CMRL(nn.Module):
+    """Cascade of M component modules, each coding the residual of the ones before it.
+
+    Args:
+        num_modules: M (CMRL uses 2 for ~16 kbps).
+        **module_kwargs: :class:`ModuleConfig` fields.
+    """
+
+    def __init__(self, num_modules: int = 2, **module_kwargs):
+        super().__init__()
+        if num_modules < 1:
+            raise ValueError(f"model.num_modules={num_modules}: need at least one module")
+        if "dilations" in module_kwargs:
+            module_kwargs["dilations"] = tuple(module_kwargs["dilations"])
+        self.cfg = ModuleConfig(**module_kwargs)
+        if self.cfg.frame_len % 2:
+            raise ValueError(f"model.frame_len={self.cfg.frame_len}: must be even (the encoder halves it)")
+        self.stages = nn.ModuleList(CodecModule(self.cfg) for _ in range(num_modules))
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.stages)
+
+    def forward(self, frames: torch.Tensor, upto: int | None = None, hard: bool | None = None,
+                train_only: int | None = None) -> dict[str, object]:
+        """Code frames through modules 0..upto-1.
+
+        Args:
+            frames: [B, L] target frames (time domain, or LPC residual).
+            upto: modules used (None: all).
+            hard: quantization mode for every module (None: soft in training mode).
+            train_only: greedy training of this module: the ones before it run hard-quantized and
+                without gradient (as they will at inference), so it learns the residual it will get.
+
+        Returns:
+            ``{"decoded": [B, L] sum of the modules' outputs, "modules": list of each module's dict
+            (see :meth:`CodecModule.forward`), "target": [B, L] residual the last module coded}``.
+        """
+        upto = self.num_modules if upto is None else upto
+        residual, decoded, outs = frames, torch.zeros_like(frames), []
+        for m in range(upto):
+            if train_only is not None and m < train_only:
+                with torch.no_grad():
+                    out = self.stages[m](residual, hard=True)
+            else:
+                out = self.stages[m](residual, hard=hard)
+            outs.append(out)
+            target = residual
+            decoded = decoded + out["decoded"]
+            residual = residual - out["decoded"]
+        return {"decoded": decoded, "modules": outs, "target": target}
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        """Hard centroid indices of every module: list of M int64 [B, L/2]."""
+        return [out["idx"] for out in self.forward(frames, hard=True)["modules"]]
+
+    @torch.no_grad()
+    def decode(self, indices: list[torch.Tensor]) -> torch.Tensor:
+        """Frames [B, L] from every module's centroid indices (the sum of the decoders' outputs)."""
+        if len(indices) != self.num_modules:
+            raise ValueError(f"decode: {len(indices)} code streams for a {self.num_modules}-module model")
+        return sum(stage.decoder(stage.quantizer.dequantize(idx)) for stage, idx in zip(self.stages, indices))

@@ -1,0 +1,381 @@
+"""CMRL speech codec recipe on AN4: dense two-phase training (or ``init_from``) → pruning with fine-tuning
+→ evaluation with real bitstreams → export.
+
+    python recipes/codec/run.py                                   # dense 2-module CMRL near 16 kbit/s
+    python recipes/codec/run.py +prune=csp prune.sparsity=0.7     # ... then CSP + fine-tuning
+    python recipes/codec/run.py -m +prune=csp,gmp "prune.sparsity=choice(0.5,0.7,0.9)" init_from=RUN/dense.pt
+    python recipes/codec/run.py mode=encode ckpt=RUN/model.safetensors input=x.wav output=x.cmrl
+    python recipes/codec/run.py mode=decode ckpt=RUN/model.safetensors input=x.cmrl output=y.wav
+
+Each run folder holds metrics.json, TensorBoard events (losses, entropy and bitrate per module, metrics,
+reference vs decoded audio), dense.pt (reusable with ``init_from``), model.safetensors and .hydra/.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `recipes.codec` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import csprune
+from csprune import tblog
+from csprune.an4 import default_an4_root, read_an4_split, read_audio
+from csprune.checkpoint import load_checkpoint, save_checkpoint
+from csprune.progress import progress
+from csprune.recipe import build_pruner, fit, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
+from recipes.codec.codec import CodedUtterance, SpeechCodec
+from recipes.codec.config import register_configs
+from recipes.codec.data import FrameBank, load_utterance
+from recipes.codec.loss import CodecLoss, LossConfig
+from recipes.codec.metrics import codec_metrics
+from recipes.codec.model import CMRL, count_parameters
+
+# Tensors pruned when prune.targets is null: every conv inside the residual stages and the down/up-sampling
+# convs (99% of the weights); the 1-channel input/output convs are tiny and sit on the signal path.
+DEFAULT_TARGETS = ["*.stage1.*", "*.stage2.*", "*.down", "*.up"]
+SAMPLE_RATE = 16000  # AN4, and the rate the model is built for
+
+
+def build_codec(model_cfg: dict, lpc_cfg: dict | None) -> SpeechCodec:
+    """A SpeechCodec from config dicts: the model, framing, and the LPC front end when ``lpc_cfg`` is
+    given (``{"enabled": True, "order", "preemph", "lsf_bits"}``; None without LPC)."""
+    kwargs = {k: v for k, v in model_cfg.items() if k not in ("name", "overlap")}
+    model = CMRL(**kwargs)
+    lpc = None
+    if lpc_cfg and lpc_cfg.get("enabled"):
+        from recipes.codec.lpc import LPCFrontEnd
+
+        lpc = LPCFrontEnd(order=lpc_cfg["order"], preemph=lpc_cfg["preemph"], lsf_bits=lpc_cfg["lsf_bits"], sample_rate=SAMPLE_RATE)
+    return SpeechCodec(model, lpc, overlap=model_cfg.get("overlap", 32), sample_rate=SAMPLE_RATE)
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # called outside @hydra.main without output_dir
+        return Path("outputs/codec/manual")
+
+
+class TrainStep:
+    """``fit``'s loss function for one stage: frames -> codec loss, logging the terms every ``log_every`` calls.
+
+    Args:
+        codec: the codec (its model is the one ``fit`` trains).
+        bank: training frames (signal domain).
+        loss: the CodecLoss (rate controller state inside).
+        upto: modules used; train_only: the module trained greedily (None: all together).
+        writer, stage, first_step, log_every: TensorBoard logging.
+    """
+
+    def __init__(self, codec: SpeechCodec, bank: FrameBank, loss: CodecLoss, upto: int | None, train_only: int | None,
+                 writer, stage: str, first_step: int, log_every: int):
+        self.codec, self.bank, self.loss, self.upto, self.train_only = codec, bank, loss, upto, train_only
+        self.writer, self.stage, self.step, self.log_every = writer, stage, first_step, log_every
+        self.device = next(codec.model.parameters()).device
+
+    def __call__(self, model, index: torch.Tensor) -> torch.Tensor:
+        frames = self.bank.frames[index].to(self.device)
+        view = self.codec.training_view(frames)
+        out = model(view["input"], upto=self.upto, train_only=self.train_only)
+        decoded = self.codec.to_signal(out["decoded"], view)
+        trained = [self.train_only] if self.train_only is not None else None
+        self.loss.train()
+        value = self.loss(decoded, view["target"], out["modules"], trained)
+        if self.writer is not None and self.step % self.log_every == 0:
+            for key, v in self.loss.last.items():
+                if key != "loss":
+                    self.writer.add_scalar(f"{self.stage}/{key}", v, self.step)
+        self.step += 1
+        return value
+
+
+def train_stage(codec: SpeechCodec, bank: FrameBank, loss: CodecLoss, cfg: DictConfig, *, params, lr: float, epochs: int,
+                stage: str, step: int, writer, generator: torch.Generator, upto: int | None = None,
+                train_only: int | None = None, pruner=None, optimizer=None, warmup: int | None = None) -> int:
+    """One training stage (a greedy module, the joint phase, or fine-tuning under a pruner); returns the step after it."""
+    tc, d = cfg.trainer, cfg.data
+    per_epoch = (d.frames_per_epoch or len(bank)) // d.batch_size or 1
+    total = epochs * per_epoch if tc.max_steps is None else min(tc.max_steps, epochs * per_epoch)
+    opt = optimizer if optimizer is not None else torch.optim.Adam(params, lr=lr, weight_decay=tc.weight_decay)
+    sched = warmup_cosine(opt, tc.warmup_steps if warmup is None else warmup, max(total, 1))
+    count = None if d.frames_per_epoch is None else per_epoch
+    step_fn = TrainStep(codec, bank, loss, upto, train_only, writer, stage, step, tc.log_every)
+
+    def batches(epoch: int):
+        if count is None:
+            order = torch.randperm(len(bank), generator=generator)
+            return [order[i:i + d.batch_size] for i in range(0, len(bank) - d.batch_size + 1, d.batch_size)]
+        return [torch.randint(len(bank), (d.batch_size,), generator=generator) for _ in range(count)]
+
+    return fit(codec.model, batches, step_fn, opt, sched, epochs, pruner=pruner, writer=writer, step=step,
+               max_steps=tc.max_steps, grad_clip=tc.grad_clip, log_every=tc.log_every, stage=stage)
+
+
+@torch.no_grad()
+def refresh_code_probs(codec: SpeechCodec, bank: FrameBank, frames: int = 16384, batch: int = 256) -> None:
+    """Set every quantizer's coder distribution from the hard codes of (up to) ``frames`` training frames."""
+    model = codec.model
+    model.eval()
+    counts = [torch.zeros(s.quantizer.num_centroids) for s in model.stages]
+    step = max(1, len(bank) // frames)
+    picked = bank.frames[::step][:frames]
+    device = next(model.parameters()).device
+    for i in range(0, picked.shape[0], batch):
+        view = codec.training_view(picked[i:i + batch].to(device))
+        for m, idx in enumerate(model.encode(view["input"])):
+            counts[m] += torch.bincount(idx.reshape(-1).cpu(), minlength=counts[m].numel()).float()
+    for stage, c in zip(model.stages, counts):
+        stage.quantizer.set_code_probs(c)
+
+
+def _entropy_bits(counts: torch.Tensor) -> float:
+    p = counts / counts.sum().clamp_min(1)
+    p = p[p > 0]
+    return float(-(p * torch.log2(p)).sum())
+
+
+@torch.no_grad()
+def evaluate(codec: SpeechCodec, utts, waves, writer=None, step: int = 0, prefix: str = "eval", audio_samples: int = 0) -> dict[str, float]:
+    """Code every test utterance through a real .cmrl file and score the decoded audio.
+
+    Returns means over utterances of snr, segsnr, pesq, stoi; ``bitrate_entropy`` (empirical entropy of
+    the test codes, per module, times codes per second, plus LPC side bits) and ``bitrate_real``
+    (8·file bytes / duration), both in bit/s, and ``bitrate_m<m>`` per module.
+    """
+    codec.model.eval()
+    per_utt: list[dict[str, float]] = []
+    counts = [torch.zeros(s.quantizer.num_centroids) for s in codec.model.stages]
+    total_bytes, total_samples = 0, 0
+    with tempfile.TemporaryDirectory(prefix="cmrl-eval-") as tmp:
+        for i, (utt, wave) in enumerate(progress(list(zip(utts, waves)), desc=prefix)):
+            coded = codec.encode(wave)
+            decoded = codec.decode(coded)
+            path = Path(tmp) / f"{utt.utt_id}.cmrl"
+            total_bytes += codec.write(path, coded)
+            back = codec.read(path)
+            if not all(torch.equal(a, b) for a, b in zip(coded.indices, back.indices)):
+                raise RuntimeError(f"{utt.utt_id}: codes read back from the .cmrl file differ from the ones written")
+            total_samples += wave.numel()
+            for m, idx in enumerate(coded.indices):
+                counts[m] += torch.bincount(idx.reshape(-1).cpu(), minlength=counts[m].numel()).float()
+            per_utt.append(codec_metrics(wave.cpu().numpy(), decoded.cpu().numpy(), SAMPLE_RATE, name=utt.utt_id))
+            if writer is not None and i < audio_samples:
+                peak = max(float(wave.abs().max()), float(decoded.abs().max()), 1e-6)
+                writer.add_audio(f"audio/{utt.utt_id}/reference", (wave / peak).unsqueeze(0).cpu(), step, sample_rate=SAMPLE_RATE)
+                writer.add_audio(f"audio/{utt.utt_id}/{prefix}", (decoded / peak).unsqueeze(0).cpu(), step, sample_rate=SAMPLE_RATE)
+    seconds = total_samples / SAMPLE_RATE
+    out = {k: float(np.nanmean([u[k] for u in per_utt])) for k in per_utt[0]}
+    module_bits = [_entropy_bits(c) * codec.codes_per_second for c in counts]
+    out.update({f"bitrate_m{m}": b for m, b in enumerate(module_bits)})
+    out["bitrate_entropy"] = sum(module_bits) + codec.side_bits_per_second
+    out["bitrate_real"] = 8 * total_bytes / seconds
+    out["pesq_failed"] = int(sum(np.isnan(u["pesq"]) for u in per_utt))
+    if writer is not None:
+        for k, v in out.items():
+            writer.add_scalar(f"{prefix}/{k}", v, step)
+    return out
+
+
+def _describe(tag: str, m: dict[str, float]) -> str:
+    return (f"{tag}: PESQ-WB {m['pesq']:.3f}, SNR {m['snr']:.2f} dB, segSNR {m['segsnr']:.2f} dB, STOI {m['stoi']:.3f}, "
+            f"bitrate {m['bitrate_entropy'] / 1000:.2f} kbit/s (entropy) / {m['bitrate_real'] / 1000:.2f} kbit/s (file)")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or load), prune, evaluate and export; returns the metrics (also written to metrics.json)."""
+    if cfg.mode == "encode":
+        return encode_file(cfg)
+    if cfg.mode == "decode":
+        return decode_file(cfg)
+    if cfg.mode != "train":
+        raise ValueError(f"mode={cfg.mode!r}: expected train, encode or decode")
+    container = OmegaConf.to_container(cfg, resolve=True)
+    prune_cfg = container.get("prune")
+    if prune_cfg is not None:
+        validate_prune_config(prune_cfg)  # before any work
+    wall_start, started_at = time.perf_counter(), time.time()
+    run_dir = _run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tc, d = cfg.trainer, cfg.data
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else ("cpu" if tc.device == "auto" else tc.device))
+    seed_everything(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    init = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    model_cfg = init["model_config"] if init else container["model"]
+    lpc_cfg = init["lpc_config"] if init else ({"enabled": True, **container["lpc_front_end"]} if container["lpc"] else None)
+    codec = build_codec(model_cfg, lpc_cfg)
+    codec.model.to(device)
+    root = Path(d.root) if d.root else default_an4_root()
+    train_utts = read_an4_split(root, "train")[: d.max_train_utts]
+    test_utts = read_an4_split(root, "test")[: d.max_test_utts]
+    bank = FrameBank(train_utts, d.target_dbfs, codec.frame_len, codec.overlap)
+    if codec.lpc is not None:  # the model learns to code pre-emphasised frames
+        bank.frames = torch.cat([codec.signal_frames(w) for w in bank.waves])
+    test_waves = [load_utterance(u, d.target_dbfs) for u in test_utts]
+    params = count_parameters(codec.model)
+    print(f"model cmrl: {codec.model.num_modules} modules, {params / 1e6:.3f}M parameters"
+          f"{' + LPC front end' if codec.lpc is not None else ''}; {len(train_utts)} train utterances ({len(bank)} frames), "
+          f"{len(test_utts)} test; device {device}", flush=True)
+    loss_cfg = LossConfig(**container["loss"])
+    loss = CodecLoss(loss_cfg, codec.model.num_modules, codec.codes_per_second, codec.frame_len, SAMPLE_RATE,
+                     codec.side_bits_per_second).to(device)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(run_dir))
+    tblog.log_config(writer, container)
+    step, train_seconds = 0, 0.0
+    if init is not None:
+        codec.model.load_state_dict(init["model"])
+        loss.tau.copy_(init["tau"])
+        dense_metrics = init["dense_metrics"]
+        print(f"initialized from {cfg.init_from}: dense PESQ-WB {dense_metrics['pesq']:.3f}", flush=True)
+    else:
+        t0 = time.perf_counter()
+        for m in range(codec.model.num_modules):  # phase 1: greedy, module by module
+            step = train_stage(codec, bank, loss, cfg, params=codec.model.stages[m].parameters(), lr=tc.greedy_lr or tc.lr,
+                               epochs=tc.greedy_epochs, stage=f"greedy_m{m}", step=step, writer=writer,
+                               generator=generator, upto=m + 1, train_only=m)
+        step = train_stage(codec, bank, loss, cfg, params=codec.model.parameters(), lr=tc.lr, epochs=tc.epochs,
+                           stage="joint", step=step, writer=writer, generator=generator)  # phase 2: all together
+        refresh_code_probs(codec, bank)
+        train_seconds = time.perf_counter() - t0
+        dense_metrics = evaluate(codec, test_utts, test_waves, writer, step, "eval_dense", d.audio_samples)
+        save_checkpoint({"model": codec.model.state_dict(), "model_config": model_cfg, "lpc_config": lpc_cfg,
+                         "tau": loss.tau.detach().cpu(), "dense_metrics": dense_metrics, "seed": cfg.seed},
+                        run_dir / "dense.pt")
+        print(_describe(f"dense after {train_seconds:.0f}s", dense_metrics), flush=True)
+
+    metrics: dict[str, Any] = {
+        "recipe": "codec", "model": "cmrl", "params": params, "seed": cfg.seed, "primary_metric": "pesq",
+        "lpc": bool(codec.lpc is not None), "psychoacoustic": loss_cfg.psychoacoustic,
+        "target_bitrate": loss_cfg.target_bitrate, "train_seconds": train_seconds, "method": "dense", "sparsity": 0.0,
+        **{f"dense_{k}": v for k, v in dense_metrics.items()},
+    }
+    final = dense_metrics
+    if prune_cfg is not None:
+        p = prune_cfg
+        per_epoch = (d.frames_per_epoch or len(bank)) // d.batch_size or 1
+        opt = torch.optim.Adam(codec.model.parameters(), lr=p["finetune_lr"], weight_decay=tc.weight_decay)
+        pruner = build_pruner(codec.model, p, opt, 0, per_epoch, DEFAULT_TARGETS)
+        t0 = time.perf_counter()
+        if p["schedule"] == "oneshot":
+            if pruner.stats is not None:  # observe clean training frames (hard-quantized, as at inference), then prune
+                pruner.stats.enabled = True
+                codec.model.eval()
+                calib = torch.Generator().manual_seed(cfg.seed + 1)
+                with torch.no_grad():
+                    for _ in range(p["calib_batches"]):
+                        frames = bank.frames[torch.randint(len(bank), (d.batch_size,), generator=calib)].to(device)
+                        codec.model(codec.training_view(frames)["input"], hard=True)
+                pruner.stats.enabled = False
+            report = pruner.prune_to(p["sparsity"])
+            tblog.log_pruning(writer, pruner, report, step)
+            print(f"one-shot {p['method']} to {p['sparsity']}: {report['seconds']:.1f}s pruning", flush=True)
+        step = train_stage(codec, bank, loss, cfg, params=None, lr=p["finetune_lr"], epochs=p["finetune_epochs"],
+                           stage="finetune", step=step, writer=writer, generator=generator, pruner=pruner, optimizer=opt, warmup=0)
+        refresh_code_probs(codec, bank)  # the coder's distribution must describe the pruned model's codes
+        metrics["finetune_seconds"] = time.perf_counter() - t0
+        metrics["sparsity_actual"] = pruner.sparsity()["total"]
+        metrics.update(method=p["method"], sparsity=p["sparsity"], schedule=p["schedule"],
+                       label=method_label(p["method"], p["schedule"]))
+        pruner.finalize()
+        final = evaluate(codec, test_utts, test_waves, writer, step, "eval", d.audio_samples)
+        print(_describe(f"{p['method']} {p['sparsity']}", final), flush=True)
+    elif writer is not None:
+        for k, v in final.items():
+            writer.add_scalar(f"eval/{k}", v, step)
+    metrics.update(final)
+
+    ckpt = run_dir / "model.safetensors"
+    meta = {"recipe": "codec", "model": model_cfg, "lpc": lpc_cfg, "sample_rate": SAMPLE_RATE, "target_dbfs": d.target_dbfs,
+            "metrics": {k: final[k] for k in ("pesq", "snr", "stoi", "bitrate_real")}, "prune": prune_cfg}
+    values_dtype = prune_cfg["values_dtype"] if prune_cfg else "float32"
+    csprune.save_sparse(codec.model, ckpt, values_dtype=values_dtype, meta=meta)
+    dense_bytes = sum(t.numel() * 4 for t in codec.model.state_dict().values() if t.is_floating_point())
+    metrics.update(checkpoint_bytes=ckpt.stat().st_size, dense_bytes=dense_bytes, compression_ratio=dense_bytes / ckpt.stat().st_size,
+                   wall_seconds=time.perf_counter() - wall_start, started_at=started_at, finished_at=time.time(), pid=os.getpid())
+    tblog.log_hparams(writer, container, {k: v for k, v in metrics.items() if k in (
+        "pesq", "snr", "stoi", "bitrate_real", "dense_pesq", "sparsity_actual", "checkpoint_bytes", "compression_ratio")})
+    writer.close()
+    write_json(run_dir / "metrics.json", metrics)
+    print(f"final: PESQ-WB {final['pesq']:.3f} | {final['bitrate_real'] / 1000:.2f} kbit/s | sparsity "
+          f"{metrics.get('sparsity_actual', 0.0):.3f} | checkpoint {metrics['checkpoint_bytes'] / 1024:.1f} KiB "
+          f"({metrics['compression_ratio']:.2f}x smaller than dense fp32) | {run_dir}", flush=True)
+    return metrics
+
+
+def load_codec(ckpt: str) -> SpeechCodec:
+    """The codec of an exported model.safetensors (its metadata says how to build it)."""
+    meta = csprune.read_sparse_meta(ckpt)
+    if meta.get("recipe") != "codec" or "model" not in meta:
+        raise ValueError(f"ckpt={ckpt}: not a codec recipe export (metadata recipe={meta.get('recipe')!r})")
+    codec = build_codec(meta["model"], meta.get("lpc"))
+    csprune.load_sparse(ckpt, model=codec.model)
+    codec.model.eval()
+    return codec
+
+
+def _need(cfg: DictConfig, *keys: str) -> None:
+    missing = [k for k in keys if not cfg.get(k)]
+    if missing:
+        raise ValueError(f"mode={cfg.mode} needs {', '.join(f'{k}=...' for k in missing)} "
+                         f"(e.g. ckpt=RUN/model.safetensors input=x.wav output=x.cmrl)")
+
+
+def encode_file(cfg: DictConfig) -> dict[str, Any]:
+    """mode=encode: WAV (any rate: resampled to 16 kHz, channels averaged) -> .cmrl file."""
+    _need(cfg, "ckpt", "input", "output")
+    codec = load_codec(cfg.ckpt)
+    wave = read_audio(cfg.input, SAMPLE_RATE)
+    coded = codec.encode(wave)
+    size = codec.write(cfg.output, coded)
+    seconds = wave.numel() / SAMPLE_RATE
+    print(f"{cfg.input} -> {cfg.output}: {size} bytes, {seconds:.2f} s, {8 * size / max(seconds, 1e-9) / 1000:.2f} kbit/s")
+    return {"bytes": size, "seconds": seconds, "bitrate_real": 8 * size / max(seconds, 1e-9)}
+
+
+def decode_file(cfg: DictConfig) -> dict[str, Any]:
+    """mode=decode: .cmrl file -> 16-bit WAV at 16 kHz."""
+    import soundfile as sf
+
+    _need(cfg, "ckpt", "input", "output")
+    codec = load_codec(cfg.ckpt)
+    coded: CodedUtterance = codec.read(cfg.input)
+    wave = codec.decode(coded)
+    Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+    sf.write(cfg.output, wave.cpu().numpy(), SAMPLE_RATE, subtype="FLOAT")  # float: the exact decoded samples
+    print(f"{cfg.input} -> {cfg.output}: {wave.numel()} samples at {SAMPLE_RATE} Hz")
+    return {"samples": wave.numel(), "wave": wave}
+
+
+register_configs()
+
+import hydra  # noqa: E402
+
+
+@hydra.main(config_path="../../conf", config_name="codec", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run(cfg)
+    return metrics.get("pesq")
+
+
+if __name__ == "__main__":
+    main()

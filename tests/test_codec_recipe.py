@@ -1,0 +1,220 @@
+"""The codec recipe end to end: smoke training, real bitstreams, pruning, TensorBoard, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from csprune.an4 import read_an4_split, read_audio
+from recipes.codec import run as codec_run  # registers the structured configs
+from recipes.codec.bitstream import BitstreamError, read_cmrl_header
+from recipes.codec.data import frame_signal, overlap_add, synthesis_window
+from recipes.codec.loss import CodecLoss, LossConfig
+from recipes.codec.model import CMRL, ModuleConfig, SoftToHardQuantizer, count_parameters
+
+from conftest import REPO, cfg_for
+
+
+@pytest.fixture(scope="module")
+def codec_smoke(an4_root, tmp_path_factory):
+    """A `trainer=smoke` dense run then a `+prune=csp` run from its dense.pt: (dense dir, pruned dir, metrics)."""
+    dense_dir = tmp_path_factory.mktemp("codec_dense")
+    dense = codec_run.run(cfg_for("trainer=smoke", f"output_dir={dense_dir}", f"data.root={an4_root}", recipe="codec"))
+    pruned_dir = tmp_path_factory.mktemp("codec_csp")
+    pruned = codec_run.run(cfg_for("trainer=smoke", "+prune=csp", "prune.sparsity=0.5", f"init_from={dense_dir / 'dense.pt'}",
+                                   f"output_dir={pruned_dir}", f"data.root={an4_root}", recipe="codec"))
+    return dense_dir, pruned_dir, dense, pruned
+
+
+def test_smoke_runs_end_to_end(codec_smoke):
+    dense_dir, pruned_dir, dense, pruned = codec_smoke
+    for key in ("pesq", "snr", "segsnr", "stoi", "bitrate_entropy", "bitrate_real", "checkpoint_bytes"):
+        assert isinstance(dense[key], float | int) and math.isfinite(dense[key]), key
+    # The file holds the entropy-coded codes plus a ~43-byte header per utterance: its rate is at least
+    # roughly the entropy estimate (a coder cannot beat the empirical entropy by more than the model mismatch).
+    assert dense["bitrate_real"] > 0.9 * dense["bitrate_entropy"]
+    on_disk = json.loads((pruned_dir / "metrics.json").read_text())
+    assert on_disk["method"] == "csp" and on_disk["primary_metric"] == "pesq"
+    assert on_disk["dense_pesq"] == dense["pesq"]  # the pruned run starts from the dense run's model
+    assert abs(pruned["sparsity_actual"] - 0.5) < 0.01  # fraction of zeros over the targeted convs
+    assert (pruned_dir / "model.safetensors").stat().st_size == pruned["checkpoint_bytes"]
+
+
+def test_encode_decode_a_real_file_matches_the_in_memory_reconstruction(codec_smoke, an4_root, tmp_path):
+    _, pruned_dir, _, _ = codec_smoke
+    ckpt = pruned_dir / "model.safetensors"
+    wav = read_an4_split(an4_root, "test")[0].audio_path
+    bits, out_wav = tmp_path / "x.cmrl", tmp_path / "x.wav"
+    enc = codec_run.run(cfg_for("mode=encode", f"ckpt={ckpt}", f"input={wav}", f"output={bits}", recipe="codec"))
+    codec_run.run(cfg_for("mode=decode", f"ckpt={ckpt}", f"input={bits}", f"output={out_wav}", recipe="codec"))
+    decoded, rate = sf.read(out_wav, dtype="float32")
+    reference = read_audio(wav)
+    assert rate == 16000 and decoded.shape == (reference.numel(),)
+    codec = codec_run.load_codec(str(ckpt))
+    in_memory = codec.decode(codec.encode(reference))
+    assert np.array_equal(decoded, in_memory.numpy())  # bit-exact: the file carries exactly the hard codes
+    assert enc["bytes"] == bits.stat().st_size
+    header = read_cmrl_header(bits)
+    assert header["num_samples"] == reference.numel() and header["num_modules"] == 2
+
+
+def test_other_sample_rates_are_resampled(codec_smoke, an4_root, tmp_path):
+    _, pruned_dir, _, _ = codec_smoke
+    ckpt = pruned_dir / "model.safetensors"
+    wave = read_audio(read_an4_split(an4_root, "test")[1].audio_path)
+    import torchaudio
+
+    low = torchaudio.functional.resample(wave, 16000, 8000)
+    sf.write(tmp_path / "8k.wav", low.numpy(), 8000)
+    codec_run.run(cfg_for("mode=encode", f"ckpt={ckpt}", f"input={tmp_path / '8k.wav'}", f"output={tmp_path / 'x.cmrl'}", recipe="codec"))
+    header = read_cmrl_header(tmp_path / "x.cmrl")
+    assert header["sample_rate"] == 16000 and header["num_samples"] == 2 * low.numel()  # 8 kHz -> 16 kHz doubles the length
+
+
+def test_truncated_foreign_and_mismatched_files_are_refused(codec_smoke, an4_root, tmp_path):
+    dense_dir, pruned_dir, _, _ = codec_smoke
+    ckpt = pruned_dir / "model.safetensors"
+    wav = read_an4_split(an4_root, "test")[0].audio_path
+    bits = tmp_path / "x.cmrl"
+    codec_run.run(cfg_for("mode=encode", f"ckpt={ckpt}", f"input={wav}", f"output={bits}", recipe="codec"))
+    data = bits.read_bytes()
+    (tmp_path / "cut.cmrl").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BitstreamError, match="cut.cmrl"):
+        codec_run.run(cfg_for("mode=decode", f"ckpt={ckpt}", f"input={tmp_path / 'cut.cmrl'}", f"output={tmp_path / 'y.wav'}", recipe="codec"))
+    with pytest.raises(BitstreamError, match="not a CMRL"):
+        codec_run.run(cfg_for("mode=decode", f"ckpt={ckpt}", f"input={wav}", f"output={tmp_path / 'y.wav'}", recipe="codec"))
+    assert not (tmp_path / "y.wav").exists()  # nothing half-written
+    # The dense model's quantizer distribution differs from the fine-tuned one: its digest refuses the file.
+    with pytest.raises(BitstreamError, match="model"):
+        codec_run.run(cfg_for("mode=decode", f"ckpt={dense_dir / 'model.safetensors'}", f"input={bits}",
+                              f"output={tmp_path / 'y.wav'}", recipe="codec"))
+
+
+def test_encode_needs_its_arguments_and_a_codec_checkpoint(codec_smoke, an4_root, tmp_path):
+    _, pruned_dir, _, _ = codec_smoke
+    with pytest.raises(ValueError, match="output="):
+        codec_run.run(cfg_for("mode=encode", f"ckpt={pruned_dir / 'model.safetensors'}", "input=x.wav", recipe="codec"))
+    with pytest.raises(FileNotFoundError, match="nope.wav"):
+        codec_run.run(cfg_for("mode=encode", f"ckpt={pruned_dir / 'model.safetensors'}", f"input={tmp_path / 'nope.wav'}",
+                              f"output={tmp_path / 'x.cmrl'}", recipe="codec"))
+
+
+def test_event_files_hold_the_codec_tags(codec_smoke):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, pruned_dir, _, _ = codec_smoke
+    acc = EventAccumulator(str(next(pruned_dir.glob("events.out.tfevents.*"))), size_guidance={"audio": 0, "scalars": 0})
+    acc.Reload()
+    scalars, audio = set(acc.Tags()["scalars"]), set(acc.Tags()["audio"])
+    for tag in ("finetune/loss", "finetune/nmse", "finetune/mel", "finetune/entropy_m0", "finetune/bitrate_m1",
+                "finetune/tau_m0", "eval/pesq", "eval/snr", "eval/stoi", "eval/bitrate_real", "eval/bitrate_entropy",
+                "sparsity/total", "prune/rel_error"):
+        assert tag in scalars, tag
+    assert any(t.endswith("/reference") for t in audio) and any(t.endswith("/eval") for t in audio)
+
+
+def test_report_plots_pesq(codec_smoke, tmp_path):
+    _, pruned_dir, _, _ = codec_smoke
+    out = subprocess.run([sys.executable, "-m", "csprune.cli", "report", str(pruned_dir), "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    table = (tmp_path / "report.md").read_text()
+    assert "PESQ" in table and "csp" in table
+
+
+# ---------------------------------------------------------------- model, quantizer, framing (no AN4 needed)
+
+
+def test_full_size_module_has_kankanahalli_size():
+    model = CMRL(2)
+    per_module = count_parameters(model.stages[0])
+    assert 0.40e6 < per_module < 0.50e6  # "≈0.45M parameters a module at full size"
+    frames = torch.randn(3, 512) * 0.05
+    out = model(frames, hard=True)
+    assert out["decoded"].shape == (3, 512) and out["modules"][0]["idx"].shape == (3, 256)
+    # The cascade: module 1 codes what module 0 left, so the decoded frame is the sum of both outputs.
+    torch.testing.assert_close(out["decoded"], out["modules"][0]["decoded"] + out["modules"][1]["decoded"])
+
+
+def test_hard_codes_take_only_centroid_values_at_inference():
+    torch.manual_seed(0)
+    quantizer = SoftToHardQuantizer(32)
+    with torch.no_grad():
+        quantizer.centroids.add_(0.01 * torch.randn(32))  # not a regular grid any more
+    x = torch.rand(4, 256) * 2 - 1
+    quantizer.eval()
+    q = quantizer(x)["q"]
+    distance = (q.unsqueeze(-1) - quantizer.centroids).abs().min(-1).values
+    assert torch.all(distance == 0)
+    quantizer.train()
+    soft = quantizer(x)["q"]
+    assert (soft.unsqueeze(-1) - quantizer.centroids).abs().min(-1).values.max() > 0  # soft values lie between centroids
+
+
+def _train_entropy(tau: float, steps: int = 80) -> float:
+    """Soft-histogram entropy after training a tiny module for `steps` with a fixed entropy weight τ."""
+    torch.manual_seed(0)
+    model = CMRL(1, wide=16, narrow=8, blocks=1)
+    loss = CodecLoss(LossConfig(entropy_weight_init=tau, rate_gain=0.0, mel_weight=0.0), 1, 8533.3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    t = torch.arange(512) / 16000
+    gen = torch.Generator().manual_seed(1)
+    entropy = 0.0
+    for _ in range(steps):
+        f0 = 100 + 200 * torch.rand(16, 1, generator=gen)
+        frames = 0.05 * torch.sin(2 * math.pi * f0 * t) + 0.005 * torch.randn(16, 512, generator=gen)
+        out = model(frames)
+        value = loss(out["decoded"], frames, out["modules"])
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        entropy = loss.last["entropy_m0"]
+    return entropy
+
+
+def test_entropy_estimate_falls_as_the_entropy_weight_rises():
+    entropies = [_train_entropy(tau) for tau in (0.0, 0.05, 0.5)]
+    assert entropies[0] > entropies[1] > entropies[2], entropies
+
+
+def test_rate_control_moves_tau_toward_the_target():
+    loss = CodecLoss(LossConfig(target_bitrate=16000, entropy_weight_init=0.1, rate_gain=0.05), 2, 8533.3)
+    frames = torch.randn(2, 512)
+    over = [{"entropy": torch.tensor(3.0), "penalty": torch.tensor(0.0)}] * 2  # 25.6 kbit/s a module > 8 kbit/s
+    loss(frames, frames, over)
+    assert torch.all(loss.tau > 0.1)
+    under = [{"entropy": torch.tensor(0.2), "penalty": torch.tensor(0.0)}] * 2
+    before = loss.tau.clone()
+    loss(frames, frames, under)
+    assert torch.all(loss.tau < before)
+
+
+@pytest.mark.parametrize("length", [1, 479, 480, 481, 16000, 23457])
+def test_framing_and_overlap_add_are_exact_inverses(length):
+    wave = torch.randn(length)
+    frames = frame_signal(wave)
+    assert frames.shape[1] == 512
+    torch.testing.assert_close(overlap_add(frames, length), wave, rtol=0, atol=1e-6)
+
+
+def test_window_halves_sum_to_one():
+    w = synthesis_window(512, 32).double()
+    torch.testing.assert_close(w[:32] + w[-32:], torch.ones(32, dtype=torch.float64), rtol=0, atol=1e-7)
+    assert torch.all(w[32:-32] == 1)
+
+
+def test_bad_model_config_is_named():
+    with pytest.raises(ValueError, match="num_modules"):
+        CMRL(0)
+    with pytest.raises(ValueError, match="frame_len"):
+        CMRL(1, frame_len=511)
+    with pytest.raises(TypeError):
+        ModuleConfig(widht=3)  # a typo fails (the structured config catches it on the command line)
