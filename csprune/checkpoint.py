@@ -14,11 +14,11 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "check_compatible", "rng_state", "rng_state_full", "set_rng_state",
+__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "check_compatible", "rng_state", "rng_state_full", "set_rng_state",
            "FORMAT", "FORMAT_VERSION", "CheckpointMismatch",
            "compat_record", "find_resume"]
 
@@ -35,24 +35,16 @@ class CheckpointMismatch(ValueError):
     """A readable checkpoint that belongs to another model, config or format version (not skipped on resume)."""
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike, keep_last: int | None = None) -> Path:
-    """Write ``state`` atomically (temp file, fsync, rename).
-
-    Args:
-        state: tensors, primitives and containers of them only.
-        path: destination file.
-        keep_last: when set, delete all but the newest ``keep_last`` ``ckpt-<step>.pt`` files beside it.
-
-    Returns:
-        the destination path.
-    """
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """Create or replace ``path`` atomically: ``write(f)`` fills a temp file beside it, which is fsync'ed
+    and renamed over ``path`` (then the folder is fsync'ed). A crash leaves the old file or the new one,
+    never half a file; on an exception the temp file is removed and the exception propagates."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(state, format=FORMAT)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -65,6 +57,23 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike, keep_last: i
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike, keep_last: int | None = None) -> Path:
+    """Write ``state`` atomically (temp file, fsync, rename).
+
+    Args:
+        state: tensors, primitives and containers of them only.
+        path: destination file.
+        keep_last: when set, delete all but the newest ``keep_last`` ``ckpt-<step>.pt`` files beside it.
+
+    Returns:
+        the destination path.
+    """
+    path = Path(path)
+    payload = dict(state, format=FORMAT)
+    atomic_write(path, lambda f: torch.save(payload, f))
     if keep_last:
         for old in _step_checkpoints(path.parent)[:-keep_last]:
             old.unlink(missing_ok=True)

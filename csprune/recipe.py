@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional
@@ -150,14 +149,10 @@ def seed_everything(seed: int) -> None:
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
     """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=float)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    from .checkpoint import atomic_write
+
+    text = json.dumps(data, indent=2, sort_keys=True, default=float) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def validate_prune_config(p: Mapping[str, Any], prefix: str = "prune") -> None:

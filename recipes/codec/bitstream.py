@@ -56,7 +56,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from csprune.checkpoint import atomic_write
 from csprune.errors import CsPruneError
 
 __all__ = [
@@ -390,17 +390,7 @@ def write_cmrl(
     body = b"".join(parts)
     data = body + _U32.pack(zlib.crc32(body))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda out: out.write(data))  # a crash leaves the old file or the new one
     return len(data)
 
 

@@ -40,6 +40,7 @@ class CMRLConfig:
     dilations: List[int] = field(default_factory=lambda: [1, 2])
     blocks: int = 6  # residual blocks per stage: ~0.46M parameters a module
     centroids: int = 32  # quantizer levels
+    straight_through: bool = True  # train on hard values (soft gradients); false: soft values as in Kankanahalli-Net
     signal_scale: float = 0.05  # RMS of -26 dBFS speech: the nets work on unit-scale signals
 
 

@@ -3,12 +3,14 @@
     L = w_time · MSE(x̂, x) / mean(x²)                       (scale-free: −10·log10 of it is the SNR)
       + w_mel · mean_r mean (log10(M_r|X|² + ε) − log10(M_r|X̂|² + ε))²   r ∈ {8, 16, 32, 128} mel bands
       + w_quant · Σ_m mean (soft_m − hard_m)²                 (pulls soft codes onto the centroids)
-      + Σ_m τ_m · H_m                                          (H_m: soft-histogram entropy, bits/value)
+      + Σ_m τ_m · max(0, H_m − H*_m)                          (H_m: soft-histogram entropy, bits/value)
       [+ w_priority · priority + w_noise · noise_modulation    (loss.psychoacoustic=true)]
 
-Rate control: after every training step τ_m ← τ_m · exp(η · (R_m / R*_m − 1)), where R_m is the
-module's entropy bitrate and R*_m its share of ``target_bitrate``: τ grows while the module spends
-too many bits and shrinks while it spends too few (Kankanahalli 2018 adjusts τ the same way).
+Rate control: H*_m is module m's share of ``target_bitrate`` in bits per code value. The hinge leaves a
+module that spends fewer bits than its share free to spend more (the reconstruction terms push it up);
+above it, τ_m grows after every step, τ_m ← τ_m · exp(η · (R_m / R*_m − 1)) (R_m: the module's entropy
+bitrate), and shrinks again while the module is under budget, so the rate settles at the target from
+above instead of oscillating around it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class LossConfig:
     quant_weight: float = 10.0  # (soft − hard)² is ~spacing²/12 ≈ 4e-4 per value: needs a large weight to matter
     target_bitrate: float = 16000.0  # bits/s of all modules together (side info included)
     entropy_weight_init: float = 0.02  # τ at the start: small, so the first steps learn to reconstruct
-    rate_gain: float = 0.02  # η: τ can change by ~2% per step, settling in a few hundred steps
+    rate_gain: float = 0.05  # η: τ can change by ~5% per step; 0.02 was too slow to reach the budget within ~1000 steps
     psychoacoustic: bool = False  # add the priority-weighting and noise-modulation terms (Zhen et al. 2020)
     priority_weight: float = 1.0  # psychoacoustic term weights
     noise_weight: float = 0.1
@@ -113,7 +115,9 @@ class CodecLoss(nn.Module):
         terms = {"nmse": nmse.item(), "mel": mel.item()}
         for m in train_modules:
             out = modules[m]
-            loss = loss + c.quant_weight * out["penalty"] + float(self.tau[m]) * out["entropy"]  # τ is a constant of this step
+            # Hinge on the module's bit budget: below it, the entropy term does not pull the rate further down.
+            excess = torch.relu(out["entropy"] - self.module_bitrate_target / self.codes_per_second)
+            loss = loss + c.quant_weight * out["penalty"] + float(self.tau[m]) * excess  # τ is a constant of this step
             bitrate = out["entropy"].item() * self.codes_per_second
             terms[f"entropy_m{m}"] = out["entropy"].item()
             terms[f"bitrate_m{m}"] = bitrate

@@ -38,6 +38,7 @@ class ModuleConfig:
     dilations: tuple[int, ...] = field(default=(1, 2))  # cycled over a stage's blocks
     blocks: int = 6  # residual blocks per stage (4 stages: 2 encoder, 2 decoder) -> ~0.45M parameters
     centroids: int = 32  # scalar quantizer levels (Kankanahalli: 32)
+    straight_through: bool = True  # hard values forward in training (see SoftToHardQuantizer)
     signal_scale: float = 0.05  # typical RMS of the input (-26 dBFS speech): the nets see unit-scale signals
 
     @property
@@ -124,8 +125,13 @@ class Decoder(nn.Module):
 class SoftToHardQuantizer(nn.Module):
     """Scalar quantizer with K learnable centroids (Agustsson et al. 2017; Kankanahalli 2018).
 
-    Soft assignment ``a_k = softmax_k(−α·(x − c_k)²)``; the soft value is ``Σ a_k c_k`` (training),
-    the hard value the nearest centroid (inference). The entropy estimate comes from the soft
+    Soft assignment ``a_k = softmax_k(−α·(x − c_k)²)``; the soft value is ``Σ a_k c_k``, the hard value
+    the nearest centroid. Inference is hard. Training is soft: the gradient, the entropy estimate and the
+    quantization penalty come from the soft assignment; with ``straight_through`` (the default) the value
+    passed on is the hard one (``hard + soft − stop_grad(soft)``), so the decoder trains on exactly what
+    it will receive at inference. Without it the decoder sees soft values in training and learns to read
+    information the hard codes do not carry (measured: a 2-module model trained that way reached 18 dB
+    SNR with soft codes but 5.9 dB with hard ones). The entropy estimate comes from the soft
     histogram ``p_k = mean over values of a_k``. ``code_probs`` (a buffer) is the distribution the
     bitstream's entropy coder uses: a running average of the hard histogram during training,
     recomputed exactly by :meth:`set_code_probs` after training.
@@ -136,8 +142,9 @@ class SoftToHardQuantizer(nn.Module):
         code_probs: [K] buffer, the coder's symbol distribution.
     """
 
-    def __init__(self, num_centroids: int = 32, ema: float = 0.99):
+    def __init__(self, num_centroids: int = 32, ema: float = 0.99, straight_through: bool = True):
         super().__init__()
+        self.straight_through = straight_through
         self.centroids = nn.Parameter(torch.linspace(-1.0, 1.0, num_centroids))
         spacing = 2.0 / (num_centroids - 1)
         # α·spacing² = 1 at the start: neighbours overlap (useful gradients) but assignments are not uniform.
@@ -186,7 +193,10 @@ class SoftToHardQuantizer(nn.Module):
         with torch.no_grad():
             counts = torch.bincount(idx.reshape(-1), minlength=self.num_centroids).to(self.code_probs)
             self.code_probs.mul_(self.ema).add_(counts / counts.sum(), alpha=1 - self.ema)
-        return {"q": q_soft, "idx": idx, "entropy": entropy, "penalty": ((q_soft - q_hard.detach()) ** 2).mean()}
+        penalty = ((q_soft - q_hard.detach()) ** 2).mean()
+        if self.straight_through:  # hard values forward, the soft assignment's gradient backward
+            q_soft = q_hard.detach() + (q_soft - q_soft.detach())
+        return {"q": q_soft, "idx": idx, "entropy": entropy, "penalty": penalty}
 
     @torch.no_grad()
     def set_code_probs(self, counts: torch.Tensor, pseudo_count: float = 0.5) -> None:
@@ -201,7 +211,7 @@ class CodecModule(nn.Module):
     def __init__(self, cfg: ModuleConfig):
         super().__init__()
         self.encoder = Encoder(cfg)
-        self.quantizer = SoftToHardQuantizer(cfg.centroids)
+        self.quantizer = SoftToHardQuantizer(cfg.centroids, straight_through=cfg.straight_through)
         self.decoder = Decoder(cfg)
 
     def forward(self, frames: torch.Tensor, hard: bool | None = None) -> dict[str, torch.Tensor]:

@@ -60,6 +60,7 @@ def build_codec(model_cfg: dict, lpc_cfg: dict | None) -> SpeechCodec:
 
 
 def _run_dir(cfg: DictConfig) -> Path:
+    """``output_dir``, else Hydra's run dir (csprune itself never imports Hydra, so each recipe resolves it)."""
     if cfg.output_dir:
         return Path(cfg.output_dir)
     try:
@@ -190,6 +191,20 @@ def evaluate(codec: SpeechCodec, utts, waves, writer=None, step: int = 0, prefix
     return out
 
 
+@torch.no_grad()
+def frame_snr_db(codec: SpeechCodec, frames: torch.Tensor, batch: int = 256) -> float:
+    """SNR in dB of the hard-quantized reconstruction of signal frames [N, L] (a cheap check without PESQ)."""
+    codec.model.eval()
+    err, ref = 0.0, 0.0
+    device = next(codec.model.parameters()).device
+    for i in range(0, frames.shape[0], batch):
+        view = codec.training_view(frames[i:i + batch].to(device))
+        decoded = codec.to_signal(codec.model(view["input"], hard=True)["decoded"], view)
+        err += float((decoded - view["target"]).pow(2).sum())
+        ref += float(view["target"].pow(2).sum())
+    return 10 * float(np.log10(max(ref, 1e-20) / max(err, 1e-20)))
+
+
 def _describe(tag: str, m: dict[str, float]) -> str:
     return (f"{tag}: PESQ-WB {m['pesq']:.3f}, SNR {m['snr']:.2f} dB, segSNR {m['segsnr']:.2f} dB, STOI {m['stoi']:.3f}, "
             f"bitrate {m['bitrate_entropy'] / 1000:.2f} kbit/s (entropy) / {m['bitrate_real'] / 1000:.2f} kbit/s (file)")
@@ -269,6 +284,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "target_bitrate": loss_cfg.target_bitrate, "train_seconds": train_seconds, "method": "dense", "sparsity": 0.0,
         **{f"dense_{k}": v for k, v in dense_metrics.items()},
     }
+    # Every 8th test frame (~1.5k of 12k): a quick SNR of the hard-quantized model before and after pruning.
+    test_frames = torch.cat([codec.signal_frames(w) for w in test_waves])[::8]
+    metrics["dense_frame_snr"] = frame_snr_db(codec, test_frames)  # the model as loaded, before any pruning
     final = dense_metrics
     if prune_cfg is not None:
         p = prune_cfg
@@ -288,7 +306,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 pruner.stats.enabled = False
             report = pruner.prune_to(p["sparsity"])
             tblog.log_pruning(writer, pruner, report, step)
-            print(f"one-shot {p['method']} to {p['sparsity']}: {report['seconds']:.1f}s pruning", flush=True)
+            metrics["oneshot_frame_snr"] = frame_snr_db(codec, test_frames)
+            writer.add_scalar("eval_oneshot/frame_snr", metrics["oneshot_frame_snr"], step)
+            print(f"one-shot {p['method']} to {p['sparsity']}: frame SNR {metrics['dense_frame_snr']:.2f} -> "
+                  f"{metrics['oneshot_frame_snr']:.2f} dB before fine-tuning ({report['seconds']:.1f}s pruning)", flush=True)
         step = train_stage(codec, bank, loss, cfg, params=None, lr=p["finetune_lr"], epochs=p["finetune_epochs"],
                            stage="finetune", step=step, writer=writer, generator=generator, pruner=pruner, optimizer=opt, warmup=0)
         refresh_code_probs(codec, bank)  # the coder's distribution must describe the pruned model's codes
@@ -298,6 +319,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                        label=method_label(p["method"], p["schedule"]))
         pruner.finalize()
         final = evaluate(codec, test_utts, test_waves, writer, step, "eval", d.audio_samples)
+        metrics["frame_snr"] = frame_snr_db(codec, test_frames)
         print(_describe(f"{p['method']} {p['sparsity']}", final), flush=True)
     elif writer is not None:
         for k, v in final.items():
