@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["resolve_device", "init_distributed", "LossModule", "wrap_ddp", "checksum", "assert_same_on_ranks",
+__all__ = ["shutdown_distributed", "resolve_device", "init_distributed", "LossModule", "wrap_ddp", "checksum", "assert_same_on_ranks",
            "check_weights_agree", "is_distributed"]
 
 
@@ -49,6 +49,19 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy it (no-op when not distributed).
+
+    A rank with nothing left to do (ranks > 0 skip the evaluation and export) must not exit while
+    rank 0 still works: its process teardown would kill the group's threads under rank 0's feet
+    (seen as "terminate called without an active exception" and SIGABRT on a loaded machine).
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 class LossModule(nn.Module):

@@ -107,13 +107,22 @@ def test_encode_needs_its_arguments_and_a_codec_checkpoint(codec_smoke, an4_root
                               f"output={tmp_path / 'x.cmrl'}", recipe="codec"))
 
 
-def test_event_files_hold_the_codec_tags(codec_smoke):
+def _event_tags(folder) -> tuple[set[str], set[str]]:
+    """Scalar and audio tags of every event file in a run folder (the HParams session writes its own file)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    scalars, audio = set(), set()
+    for events in folder.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"audio": 0, "scalars": 0})
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+        audio |= set(acc.Tags()["audio"])
+    return scalars, audio
+
+
+def test_event_files_hold_the_codec_tags(codec_smoke):
     _, pruned_dir, _, _ = codec_smoke
-    acc = EventAccumulator(str(next(pruned_dir.glob("events.out.tfevents.*"))), size_guidance={"audio": 0, "scalars": 0})
-    acc.Reload()
-    scalars, audio = set(acc.Tags()["scalars"]), set(acc.Tags()["audio"])
+    scalars, audio = _event_tags(pruned_dir)
     for tag in ("finetune/loss", "finetune/nmse", "finetune/mel", "finetune/entropy_m0", "finetune/bitrate_m1",
                 "finetune/tau_m0", "eval/pesq", "eval/snr", "eval/stoi", "eval/bitrate_real", "eval/bitrate_entropy",
                 "sparsity/total", "prune/rel_error"):
@@ -234,11 +243,7 @@ def test_lpc_and_psychoacoustic_options_run_and_round_trip(an4_root, tmp_path):
                                     f"data.root={an4_root}", "data.max_test_utts=2", recipe="codec"))
     # 40 LSF bits a frame at 33.3 frames/s are carried in every file on top of the module codes.
     assert metrics["bitrate_real"] > 40 * 16000 / 480 and metrics["lpc"] is True
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(next(out.glob("events.out.tfevents.*"))), size_guidance={"scalars": 0})
-    acc.Reload()
-    assert {"joint/priority", "joint/noise_modulation"} <= set(acc.Tags()["scalars"])
+    assert {"joint/priority", "joint/noise_modulation"} <= _event_tags(out)[0]
     wav = read_an4_split(an4_root, "test")[0].audio_path
     ckpt = out / "model.safetensors"
     codec_run.run(cfg_for("mode=encode", f"ckpt={ckpt}", f"input={wav}", f"output={tmp_path / 'x.cmrl'}", recipe="codec"))

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import csprune
 from csprune import tblog
-from csprune.distributed import check_weights_agree, init_distributed, wrap_ddp
+from csprune.distributed import check_weights_agree, init_distributed, shutdown_distributed, wrap_ddp
 from csprune.an4 import read_audio
 from csprune.checkpoint import check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
 from csprune.progress import progress
@@ -392,6 +392,7 @@ import hydra  # noqa: E402
 @hydra.main(config_path="../../conf", config_name="asr", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     metrics = run(cfg)
+    shutdown_distributed()  # every rank waits for rank 0's evaluation and export before exiting
     return metrics.get("wer")
 
 
