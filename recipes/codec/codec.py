@@ -69,9 +69,7 @@ class SpeechCodec:
     def signal_frames(self, wave: torch.Tensor) -> torch.Tensor:
         """Frames [F, L] of the signal the codec reconstructs (pre-emphasised with LPC)."""
         if self.lpc is not None:
-            from .lpc import pre_emphasis
-
-            wave = pre_emphasis(wave, self.lpc.preemph)
+            wave = self.lpc.emphasize(wave)
         return frame_signal(wave, self.frame_len, self.overlap)
 
     def training_view(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -89,9 +87,7 @@ class SpeechCodec:
     def _to_wave(self, frames: torch.Tensor, num_samples: int) -> torch.Tensor:
         wave = overlap_add(frames, num_samples, self.overlap)
         if self.lpc is not None:
-            from .lpc import de_emphasis
-
-            wave = de_emphasis(wave, self.lpc.preemph)
+            wave = self.lpc.deemphasize(wave)
         return wave
 
     @torch.no_grad()
@@ -126,7 +122,7 @@ class SpeechCodec:
         return write_cmrl(path, [i.cpu().numpy() for i in coded.indices], self.probs(), sample_rate=self.sample_rate,
                           num_samples=coded.num_samples,
                           lsf_idx=coded.lsf_idx.cpu().numpy() if coded.lsf_idx is not None else None,
-                          lsf_bits=tuple(self.lpc.quantizer.bits_per_dim) if self.lpc is not None else None,
+                          lsf_bits=tuple(self.lpc.bits_per_dim) if self.lpc is not None else None,
                           digest=self.digest())
 
     def read(self, path) -> CodedUtterance:
@@ -134,7 +130,7 @@ class SpeechCodec:
         from .bitstream import BitstreamError, read_cmrl
 
         stream = read_cmrl(path, self.probs(), digest=self.digest(),
-                           lsf_bits=tuple(self.lpc.quantizer.bits_per_dim) if self.lpc is not None else None)
+                           lsf_bits=tuple(self.lpc.bits_per_dim) if self.lpc is not None else None)
         if stream.sample_rate != self.sample_rate:
             raise BitstreamError(path, f"sample rate {stream.sample_rate} Hz; this model codes {self.sample_rate} Hz")
         device = next(self.model.parameters()).device

@@ -14,7 +14,7 @@ unmodified frames gives the signal back exactly.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -85,7 +85,7 @@ class FrameBank:
     Args:
         utterances: AN4 utterances.
         target_dbfs: loudness each utterance is normalised to (None: as stored).
-        frame_len, overlap: framing.
+        to_frames: waveform [T] -> frames [F, L] (the codec's ``signal_frames``; default :func:`frame_signal`).
 
     Attributes:
         frames: [N, frame_len] float32, all frames of all utterances.
@@ -93,21 +93,22 @@ class FrameBank:
     """
 
     def __init__(self, utterances: Sequence[Utterance], target_dbfs: float | None = -26.0,
-                 frame_len: int = FRAME_LEN, overlap: int = OVERLAP):
+                 to_frames: Callable[[torch.Tensor], torch.Tensor] = frame_signal):
         if not utterances:
             raise ValueError("FrameBank: no utterances (check data.root and data.max_*_utts)")
         self.utterances = list(utterances)
         self.waves = [load_utterance(u, target_dbfs) for u in self.utterances]
-        self.frames = torch.cat([frame_signal(w, frame_len, overlap) for w in self.waves])
+        self.frames = torch.cat([to_frames(w) for w in self.waves])
 
     def __len__(self) -> int:
         return self.frames.shape[0]
 
     def batches(self, batch_size: int, count: int | None, generator: torch.Generator) -> list[torch.Tensor]:
-        """``count`` random batches [batch_size, L] (None: one pass over all frames in random order)."""
+        """Frame indices of one epoch: ``count`` random batches int64 [batch_size] (None: one pass over all
+        frames in random order, the last incomplete batch dropped)."""
         n = len(self)
         if count is None:
             order = torch.randperm(n, generator=generator)
-            return [self.frames[order[i:i + batch_size]] for i in range(0, n - batch_size + 1, batch_size)] or [self.frames]
-        return [self.frames[torch.randint(n, (batch_size,), generator=generator)] for _ in range(count)]
+            return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)] or [order]
+        return [torch.randint(n, (batch_size,), generator=generator) for _ in range(count)]
 

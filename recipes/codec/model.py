@@ -165,6 +165,10 @@ class SoftToHardQuantizer(nn.Module):
         """Index of the nearest centroid, int64 [...]."""
         return (x.unsqueeze(-1) - self.centroids).abs().argmin(dim=-1)
 
+    def count_codes(self, idx: torch.Tensor) -> torch.Tensor:
+        """How often each centroid occurs in indices [...]: float [K]."""
+        return torch.bincount(idx.reshape(-1), minlength=self.num_centroids).float()
+
     def dequantize(self, idx: torch.Tensor) -> torch.Tensor:
         """Centroid values [...] of indices [...]."""
         return self.centroids[idx]
@@ -191,7 +195,7 @@ class SoftToHardQuantizer(nn.Module):
         p = a.reshape(-1, a.shape[-1]).mean(0)
         entropy = -(p * torch.log2(p.clamp_min(1e-12))).sum()
         with torch.no_grad():
-            counts = torch.bincount(idx.reshape(-1), minlength=self.num_centroids).to(self.code_probs)
+            counts = self.count_codes(idx).to(self.code_probs)
             self.code_probs.mul_(self.ema).add_(counts / counts.sum(), alpha=1 - self.ema)
         penalty = ((q_soft - q_hard.detach()) ** 2).mean()
         if self.straight_through:  # hard values forward, the soft assignment's gradient backward

@@ -29,8 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import csprune
 from csprune import tblog
-from csprune.an4 import default_an4_root, read_an4_split, read_audio
+from csprune.an4 import AN4_SAMPLE_RATE, default_an4_root, read_an4_split, read_audio
 from csprune.checkpoint import load_checkpoint, save_checkpoint
+from csprune.distributed import resolve_device
 from csprune.progress import progress
 from csprune.recipe import build_pruner, fit, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
 from recipes.codec.codec import CodedUtterance, SpeechCodec
@@ -43,16 +44,16 @@ from recipes.codec.model import CMRL, count_parameters
 # Tensors pruned when prune.targets is null: every conv inside the residual stages and the down/up-sampling
 # convs (99% of the weights); the 1-channel input/output convs are tiny and sit on the signal path.
 DEFAULT_TARGETS = ["*.stage1.*", "*.stage2.*", "*.down", "*.up"]
-SAMPLE_RATE = 16000  # AN4, and the rate the model is built for
+SAMPLE_RATE = AN4_SAMPLE_RATE  # 16 kHz: AN4, and the rate the model is built for
 
 
 def build_codec(model_cfg: dict, lpc_cfg: dict | None) -> SpeechCodec:
-    """A SpeechCodec from config dicts: the model, framing, and the LPC front end when ``lpc_cfg`` is
-    given (``{"enabled": True, "order", "preemph", "lsf_bits"}``; None without LPC)."""
+    """A SpeechCodec from config dicts: the model, framing, and the LPC front end when ``lpc_cfg``
+    (``{"order", "preemph", "lsf_bits"}``) is given; None: no LPC."""
     kwargs = {k: v for k, v in model_cfg.items() if k not in ("name", "overlap")}
     model = CMRL(**kwargs)
     lpc = None
-    if lpc_cfg and lpc_cfg.get("enabled"):
+    if lpc_cfg:
         from recipes.codec.lpc import LPCFrontEnd
 
         lpc = LPCFrontEnd(order=lpc_cfg["order"], preemph=lpc_cfg["preemph"], lsf_bits=lpc_cfg["lsf_bits"], sample_rate=SAMPLE_RATE)
@@ -94,7 +95,6 @@ class TrainStep:
         out = model(view["input"], upto=self.upto, train_only=self.train_only)
         decoded = self.codec.to_signal(out["decoded"], view)
         trained = [self.train_only] if self.train_only is not None else None
-        self.loss.train()
         value = self.loss(decoded, view["target"], out["modules"], trained)
         if self.writer is not None and self.step % self.log_every == 0:
             for key, v in self.loss.last.items():
@@ -115,13 +115,8 @@ def train_stage(codec: SpeechCodec, bank: FrameBank, loss: CodecLoss, cfg: DictC
     sched = warmup_cosine(opt, tc.warmup_steps if warmup is None else warmup, max(total, 1))
     count = None if d.frames_per_epoch is None else per_epoch
     step_fn = TrainStep(codec, bank, loss, upto, train_only, writer, stage, step, tc.log_every)
-
-    def batches(epoch: int):
-        if count is None:
-            order = torch.randperm(len(bank), generator=generator)
-            return [order[i:i + d.batch_size] for i in range(0, len(bank) - d.batch_size + 1, d.batch_size)]
-        return [torch.randint(len(bank), (d.batch_size,), generator=generator) for _ in range(count)]
-
+    loss.train()  # the rate controller adapts τ only in training mode
+    batches = lambda epoch: bank.batches(d.batch_size, count, generator)  # noqa: E731  index tensors [batch_size]
     return fit(codec.model, batches, step_fn, opt, sched, epochs, pruner=pruner, writer=writer, step=step,
                max_steps=tc.max_steps, grad_clip=tc.grad_clip, log_every=tc.log_every, stage=stage)
 
@@ -137,8 +132,8 @@ def refresh_code_probs(codec: SpeechCodec, bank: FrameBank, frames: int = 16384,
     device = next(model.parameters()).device
     for i in range(0, picked.shape[0], batch):
         view = codec.training_view(picked[i:i + batch].to(device))
-        for m, idx in enumerate(model.encode(view["input"])):
-            counts[m] += torch.bincount(idx.reshape(-1).cpu(), minlength=counts[m].numel()).float()
+        for m, (stage, idx) in enumerate(zip(model.stages, model.encode(view["input"]))):
+            counts[m] += stage.quantizer.count_codes(idx).cpu()
     for stage, c in zip(model.stages, counts):
         stage.quantizer.set_code_probs(c)
 
@@ -171,8 +166,8 @@ def evaluate(codec: SpeechCodec, utts, waves, writer=None, step: int = 0, prefix
             if not all(torch.equal(a, b) for a, b in zip(coded.indices, back.indices)):
                 raise RuntimeError(f"{utt.utt_id}: codes read back from the .cmrl file differ from the ones written")
             total_samples += wave.numel()
-            for m, idx in enumerate(coded.indices):
-                counts[m] += torch.bincount(idx.reshape(-1).cpu(), minlength=counts[m].numel()).float()
+            for m, (stage, idx) in enumerate(zip(codec.model.stages, coded.indices)):
+                counts[m] += stage.quantizer.count_codes(idx).cpu()
             per_utt.append(codec_metrics(wave.cpu().numpy(), decoded.cpu().numpy(), SAMPLE_RATE, name=utt.utt_id))
             if writer is not None and i < audio_samples:
                 peak = max(float(wave.abs().max()), float(decoded.abs().max()), 1e-6)
@@ -228,21 +223,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tc, d = cfg.trainer, cfg.data
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available() else ("cpu" if tc.device == "auto" else tc.device))
+    device = resolve_device(tc.device)
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
 
     init = load_checkpoint(cfg.init_from) if cfg.init_from else None
     model_cfg = init["model_config"] if init else container["model"]
-    lpc_cfg = init["lpc_config"] if init else ({"enabled": True, **container["lpc_front_end"]} if container["lpc"] else None)
+    lpc_cfg = init["lpc_config"] if init else (container["lpc_front_end"] if container["lpc"] else None)
     codec = build_codec(model_cfg, lpc_cfg)
     codec.model.to(device)
     root = Path(d.root) if d.root else default_an4_root()
     train_utts = read_an4_split(root, "train")[: d.max_train_utts]
     test_utts = read_an4_split(root, "test")[: d.max_test_utts]
-    bank = FrameBank(train_utts, d.target_dbfs, codec.frame_len, codec.overlap)
-    if codec.lpc is not None:  # the model learns to code pre-emphasised frames
-        bank.frames = torch.cat([codec.signal_frames(w) for w in bank.waves])
+    bank = FrameBank(train_utts, d.target_dbfs, codec.signal_frames)  # pre-emphasised frames with LPC
     test_waves = [load_utterance(u, d.target_dbfs) for u in test_utts]
     params = count_parameters(codec.model)
     print(f"model cmrl: {codec.model.num_modules} modules, {params / 1e6:.3f}M parameters"
