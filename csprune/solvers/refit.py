@@ -39,20 +39,25 @@ def support_indices(mask: Tensor, width: int | None = None, pad: int | None = No
 
 
 def padded_gram_blocks(gram3: Tensor, groups: Tensor, idx: Tensor) -> Tensor:
-    """G_SS per row with padding rows/cols set to the identity.
+    """G_SS per row, with the padding slots forming an identity block.
+
+    A row with |S| = c < w support slots gets ``[[G_SS, 0], [0, I_{w−c}]]``: every padding slot is
+    its own unit, orthogonal atom, so the block stays positive definite whenever G_SS is, Cholesky
+    succeeds, and the zero right-hand side on the padding keeps those coefficients at zero. (All
+    padding slots share the index n, so gathering a padded Gram with a 1 at [n, n] would fill the
+    whole (w−c)×(w−c) padding block with ones: singular for w − c >= 2.)
 
     Args:
-        gram3: [g, n, n].
-        groups: [r] group of each row.
-        idx: [r, w] indices in [0, n], n meaning padding.
+        gram3: [g, n, n] Gram per group.
+        groups: [r] int64 group of each row.
+        idx: [r, w] int64 indices in [0, n], n meaning padding.
 
     Returns:
-        [r, w, w].
+        [r, w, w] blocks, in gram3's dtype and device.
     """
     g, n = gram3.shape[0], gram3.shape[-1]
     padded = torch.zeros(g, n + 1, n + 1, dtype=gram3.dtype, device=gram3.device)
-    padded[:, :n, :n] = gram3
-    padded[:, n, n] = 1.0
+    padded[:, :n, :n] = gram3  # row/column n stays zero: padding couples to nothing
     flat = padded.reshape(-1)
     rows, w = idx.shape
     out = torch.empty(rows, w, w, dtype=gram3.dtype, device=gram3.device)
@@ -62,6 +67,7 @@ def padded_gram_blocks(gram3: Tensor, groups: Tensor, idx: Tensor) -> Tensor:
         lin = (idx[sl] + groups[sl].view(-1, 1) * (n + 1)).unsqueeze(2) * (n + 1)  # row offsets
         lin = lin + idx[sl].unsqueeze(1)  # one [r, w, w] temporary
         out[sl] = torch.take(flat, lin)
+    out.diagonal(dim1=1, dim2=2).add_((idx == n).to(gram3.dtype))  # identity on the padding slots only
     return out
 
 
