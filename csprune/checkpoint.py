@@ -18,6 +18,8 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
+from .errors import WriteError
+
 __all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "check_compatible", "rng_state", "rng_state_full", "set_rng_state",
            "FORMAT", "FORMAT_VERSION", "CheckpointMismatch",
            "compat_record", "find_resume"]
@@ -38,7 +40,8 @@ class CheckpointMismatch(ValueError):
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
     """Create or replace ``path`` atomically: ``write(f)`` fills a temp file beside it, which is fsync'ed
     and renamed over ``path`` (then the folder is fsync'ed). A crash leaves the old file or the new one,
-    never half a file; on an exception the temp file is removed and the exception propagates."""
+    never half a file; on an exception the temp file is removed. A failed write (full disk, ``ulimit -f``,
+    an I/O error) raises :class:`csprune.errors.WriteError` naming ``path``; other exceptions propagate."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -53,11 +56,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = _os_error(exc)
+        if cause is not None:
+            existed = "the previous file is intact" if path.exists() else "no file was created"
+            raise WriteError(path, f"could not be written ({os.strerror(cause.errno) if cause.errno else cause}); "
+                                   f"{existed}", errno=cause.errno) from exc
         raise
     return path
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write: itself, its cause, or the one torch.save's C++ writer reports as RuntimeError."""
+    import errno as errno_
+
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return exc
+        text = str(exc)
+        if isinstance(exc, RuntimeError) and ("write" in text.lower() or "No space" in text or "File too large" in text):
+            code = errno_.ENOSPC if "No space" in text else errno_.EFBIG if "File too large" in text else None
+            return OSError(code, text.splitlines()[0][:200])
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike, keep_last: int | None = None) -> Path:
@@ -205,7 +228,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def compat_record(config: dict[str, Any], model: torch.nn.Module, model_cfg: dict,
-                  resume_free: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+                  resume_free: dict[str, tuple[str, ...]], shards: int = 1) -> dict[str, Any]:
     """What a training checkpoint must match to be resumed: model config, parameter shapes, config.
 
     Args:
@@ -213,6 +236,8 @@ def compat_record(config: dict[str, Any], model: torch.nn.Module, model_cfg: dic
         model: the model (its state_dict shapes are recorded).
         model_cfg: the model's config.
         resume_free: per group ("" = top level), keys that do not change the training trajectory.
+        shards: shards of each global batch (DDP ranks × ``trainer.micro_batches``): a resume may change
+            how they are spread over processes, not how many there are.
     """
     top_free = set(resume_free.get("", ()))
     kept = {k: v for k, v in config.items() if k not in top_free and k != "model"}
@@ -224,7 +249,8 @@ def compat_record(config: dict[str, Any], model: torch.nn.Module, model_cfg: dic
         else:
             flat[group] = value
     shapes = {name: list(p.shape) for name, p in model.state_dict().items()}
-    return {"model": dict(model_cfg), "parameters": shapes, "config": flat}
+    return {"model": dict(model_cfg), "parameters": shapes, "config": flat,
+            "shards of each global batch (DDP ranks x trainer.micro_batches)": shards}
 
 
 def find_resume(mode: Any, folder: str | os.PathLike) -> tuple[Path, dict] | None:

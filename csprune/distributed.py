@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 __all__ = ["shutdown_distributed", "resolve_device", "init_distributed", "LossModule", "wrap_ddp", "checksum", "assert_same_on_ranks",
-           "check_weights_agree", "is_distributed"]
+           "check_weights_agree", "is_distributed", "ShardBuffers", "any_on_ranks"]
 
 
 def is_distributed() -> bool:
@@ -85,7 +85,82 @@ def wrap_ddp(model: nn.Module, world: int, device: torch.device) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(LossModule(model), device_ids=[device.index] if device.type == "cuda" else None)
+    # broadcast_buffers=False: BatchNorm running statistics are averaged over all shards after every
+    # step (ShardBuffers) instead of being overwritten by rank 0's before every forward.
+    return DDP(LossModule(model), device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
+class ShardBuffers:
+    """Running statistics of a global batch: the mean of the updates its shards make, on every rank.
+
+    A global batch is cut into shards (DDP ranks × micro-batches). BatchNorm (any ``_NormBase`` that
+    tracks running stats) updates its running mean and variance from the shard it sees; this makes the
+    step's update the mean of the shards' updates, identical on every rank and equal to what one
+    process computes for the same shards (``trainer.micro_batches``). Why averaging and not
+    SyncBatchNorm: SyncBatchNorm changes the training forward itself (statistics over the global batch,
+    an all-reduce per layer per forward) and so could not match a micro-batched single process;
+    averaging costs one small all-reduce per step and keeps each shard's forward exactly what it is
+    alone. ``num_batches_tracked`` advances once per step, as in one process with one batch.
+
+    Use: ``begin()`` before the step's first shard, ``shard_done()`` after each shard's forward and
+    backward, ``finish()`` after the last one.
+    """
+
+    def __init__(self, model: nn.Module):
+        from torch.nn.modules.batchnorm import _NormBase
+
+        self.buffers = [b for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats
+                        for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+        self._before: list[torch.Tensor] = []
+        self._sums: list[torch.Tensor] = []
+        self._shards = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.buffers)
+
+    def begin(self) -> None:
+        self._before = [b.detach().clone() for b in self.buffers]
+        self._sums = [torch.zeros_like(b) for b in self.buffers]
+        self._shards = 0
+
+    @torch.no_grad()
+    def shard_done(self) -> None:
+        """Record this shard's update and restore the buffers for the next shard."""
+        for b, before, acc in zip(self.buffers, self._before, self._sums):
+            acc.add_(b)
+            b.copy_(before)
+        self._shards += 1
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Set every buffer to the mean over all shards of all ranks (integers: the value after one shard)."""
+        floats = [(b, acc) for b, acc in zip(self.buffers, self._sums) if b.is_floating_point()]
+        for b, acc in floats:
+            b.copy_(acc / self._shards)
+        for b, acc in zip(self.buffers, self._sums):
+            if not b.is_floating_point():
+                b.copy_(acc // self._shards)
+        if is_distributed() and floats:
+            flat = torch.cat([b.reshape(-1) for b, _ in floats])
+            torch.distributed.all_reduce(flat)
+            flat /= torch.distributed.get_world_size()
+            offset = 0
+            for b, _ in floats:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+
+
+def any_on_ranks(flags: list[bool], device: torch.device | None = None) -> list[bool]:
+    """Element-wise OR of ``flags`` over all ranks (the flags themselves when not distributed).
+
+    Used so that every rank takes the same decision at a step boundary (stop on a non-finite loss,
+    checkpoint on SIGTERM); a rank deciding alone would leave the others waiting in a collective.
+    """
+    if not is_distributed():
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]
 
 
 def checksum(tensors: Iterable[torch.Tensor], modulus: int = 1009) -> torch.Tensor:
@@ -111,8 +186,29 @@ def assert_same_on_ranks(value: torch.Tensor, what: str) -> None:
         raise RuntimeError(f"DDP: {what} of ranks {bad} differ from rank 0's (checksums {[g.tolist() for g in gathered]})")
 
 
-def check_weights_agree(model: nn.Module, world: int) -> None:
-    """Under DDP, the final weights must be bit-identical on every rank (mismatch is an error)."""
-    if world > 1:
-        floats = [t for _, t in sorted(model.state_dict().items()) if t.is_floating_point()]
-        assert_same_on_ranks(checksum(floats), "final weights")
+def check_weights_agree(model: nn.Module, world: int, on_disk: str = "") -> None:
+    """Under DDP, the final weights and buffers must be bit-identical on every rank (mismatch is an error).
+
+    Args:
+        model: the unwrapped model.
+        world: number of ranks (1: nothing to check).
+        on_disk: what rank 0 has already written that survives the error (named in the message).
+
+    Raises:
+        RuntimeError: naming the ranks and up to five differing tensors.
+    """
+    if world <= 1:
+        return
+    names, tensors = zip(*[(k, t) for k, t in sorted(model.state_dict().items()) if t.is_floating_point()])
+    mine = torch.stack([checksum([t]) for t in tensors])  # [T, 2]: one checksum per tensor
+    dist = torch.distributed
+    device = mine.cuda() if dist.get_backend() == "nccl" else mine
+    gathered = [torch.zeros_like(device) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, device)
+    gathered = [g.cpu() for g in gathered]
+    bad_ranks = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+    if bad_ranks:
+        differ = [names[i] for i in range(len(names)) if any(not torch.equal(g[i], gathered[0][i]) for g in gathered)]
+        keep = f"; {on_disk} is intact" if on_disk else ""
+        raise RuntimeError(f"DDP: final weights of ranks {bad_ranks} differ from rank 0's in {len(differ)} tensors "
+                           f"({', '.join(differ[:5])}){keep}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CsPruneError", "CheckpointError"]
+__all__ = ["CsPruneError", "CheckpointError", "WriteError"]
 
 
 class CsPruneError(Exception):
@@ -24,3 +24,20 @@ class CheckpointError(CsPruneError):
         self.tensor = tensor
         where = f"{self.path}" + (f", tensor {tensor!r}" if tensor is not None else "")
         super().__init__(f"{where}: {message}" if where else message)
+
+
+class WriteError(CsPruneError, OSError):
+    """A file could not be written (full disk, file-size limit, permissions); the previous file is intact.
+
+    Raised by the atomic writers (training checkpoints, exports, metrics): nothing was renamed over
+    the destination and the temporary file was removed.
+
+    Attributes:
+        path: The destination that was not written.
+        errno: The operating system's error number when there was one (e.g. ENOSPC, EFBIG), else None.
+    """
+
+    def __init__(self, path: object, message: str, errno: int | None = None) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = str(path)
+        self.errno = errno

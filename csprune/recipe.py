@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 import random
 import time
@@ -38,8 +40,10 @@ from .progress import is_tty, progress
 from .pruner import Pruner
 from .schedules import Cubic, Linear, OneShot, Schedule
 
+log = logging.getLogger("csprune")
+
 __all__ = ["PruneConfig", "build_method", "build_schedule", "build_pruner", "validate_prune_config", "fit", "warmup_cosine",
-           "seed_everything", "method_label", "progress", "write_json", "is_tty"]
+           "seed_everything", "shard_seed", "method_label", "progress", "write_json", "is_tty"]
 
 
 @dataclasses.dataclass
@@ -197,6 +201,17 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def shard_seed(seed: int, stage: str, step: int, shard: int) -> int:
+    """The torch seed of one shard's forward: a function of the run seed, stage, step and shard only.
+
+    Seeding each shard (not each process) makes dropout draw the same masks for the same rows whether
+    the global batch is split over DDP ranks or over ``trainer.micro_batches`` in one process, and
+    makes a resumed run draw what an uninterrupted one draws.
+    """
+    digest = hashlib.blake2b(f"{seed}/{stage}/{step}/{shard}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 def fit(
     model: torch.nn.Module,
     batches,
@@ -216,22 +231,32 @@ def fit(
     save_every: int = 0,
     resume: Mapping[str, Any] | None = None,
     data_rng: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
+    seed: int | None = None,
+    max_bad_steps: int = 0,
 ) -> int:
     """The training loop both recipes run (dense training and fine-tuning under a Pruner).
 
-    Resumable at any batch: ``save(progress)`` is called every ``save_every`` optimizer steps and
-    after the last one, with ``progress`` = {stage, epoch, batch (batches done in that epoch), step,
-    done (steps done in this call's stage), finished, epoch_data_rng (the data pipeline's RNG at the
-    start of the epoch, before its batches were drawn), data_rng (now), rng (torch/Python/NumPy RNG
-    now), loss_total, loss_count}. Passing it back as ``resume`` redraws that epoch's batches from
-    the same RNG state, skips the done ones and restores the RNGs, so the run continues exactly as
-    if it had not stopped (the caller restores model, optimizer, scheduler and pruner).
+    Resumable at any batch: ``save(progress)`` is called every ``save_every`` optimizer steps, after
+    the last one, and on SIGTERM, with ``progress`` = {stage, epoch, batch (batches done in that
+    epoch), step, done (steps done in this call's stage), finished, preempted, bad_steps,
+    epoch_data_rng (the data pipeline's RNG at the start of the epoch, before its batches were
+    drawn), data_rng (now), rng (torch/Python/NumPy RNG now), loss_total, loss_count}. Passing it back
+    as ``resume`` redraws that epoch's batches from the same RNG state, skips the done ones and
+    restores the RNGs, so the run continues exactly as if it had not stopped (the caller restores
+    model, optimizer, scheduler and pruner).
+
+    Faults (csprune.faults): a non-finite loss or gradient raises :class:`NonFiniteError` naming the
+    step and the term, before any optimizer step on it (``max_bad_steps`` such steps are skipped
+    first). SIGTERM finishes the current step, calls ``save`` and raises :class:`Preempted`. Under DDP
+    every rank takes both decisions together.
 
     Args:
         model: the module trained (put in train mode here; may be a DDP wrapper).
         batches: ``batches(epoch) -> iterable`` of batches for one epoch; a batch that is a ``list``
-            is a set of micro-batches whose gradients are accumulated (mean of their losses).
-        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+            is a set of micro-batches (this rank's shards of the global batch) whose gradients are
+            accumulated; BatchNorm running statistics become the mean of the shards' updates.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``. If it has a ``last`` dict of floats
+            (its terms of the latest call), a non-finite loss is reported by those terms.
         optimizer, lr_scheduler: stepped once per batch (scheduler may be None).
         epochs: epochs to run.
         pruner: when given, its ``penalty()`` is added to the loss and ``step()`` follows every
@@ -246,84 +271,130 @@ def fit(
         save_every: steps between ``save`` calls (0: only after the last step).
         resume: a ``progress`` dict from a checkpoint of this stage.
         data_rng: ``(get, set)`` of the RNG state ``batches`` consumes (e.g. SpecAugment's generator).
+        seed: when given, torch's RNG is seeded per shard with :func:`shard_seed` before each forward
+            (dropout identical under any split of the global batch). None: one stream per process.
+        max_bad_steps: non-finite steps skipped in this stage before stopping (0: stop at the first).
 
     Returns:
         the global step after the last batch.
     """
     from . import tblog
     from .checkpoint import rng_state_full, set_rng_state
+    from .distributed import ShardBuffers, any_on_ranks
+    from .faults import NonFiniteError, Preempted, PreemptionFlag, first_nonfinite_grad, nonfinite_terms
 
     get_data_rng, set_data_rng = data_rng if data_rng is not None else (lambda: None, lambda state: None)
-    done, first_epoch, skip = 0, 0, 0
+    done, first_epoch, skip, bad_steps = 0, 0, 0, 0
     if resume is not None:
         if resume.get("stage", stage) != stage:
             raise ValueError(f"fit(stage={stage!r}): resume progress belongs to stage {resume.get('stage')!r}")
         first_epoch, skip, step, done = int(resume["epoch"]), int(resume["batch"]), int(resume["step"]), int(resume["done"])
+        bad_steps = int(resume.get("bad_steps", 0))
         if resume.get("finished"):
             set_data_rng(resume["data_rng"])
             set_rng_state(resume["rng"])
             return step
-    for epoch in range(first_epoch, epochs):
-        model.train()
-        start, total, count = time.perf_counter(), 0.0, 0
-        resuming = resume is not None and epoch == first_epoch
-        if resuming:
-            set_data_rng(resume["epoch_data_rng"])
-        epoch_data_rng = get_data_rng()
-        items = list(batches(epoch))
-        first = 0
-        if resuming:
-            first = skip
-            set_rng_state(resume["rng"])
-            total, count = float(resume["loss_total"]), int(resume["loss_count"])
-        for index in progress(range(first, len(items)), desc=f"{stage} {epoch + 1}/{epochs}", total=len(items) - first):
-            batch = items[index]
-            micro = batch if isinstance(batch, list) else [batch]  # a list: micro-batches, gradients accumulated
-            optimizer.zero_grad(set_to_none=True)
-            loss = 0.0
-            for j, part in enumerate(micro):
-                last = j == len(micro) - 1
-                sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-                with sync:
-                    part_loss = loss_fn(model, part)
+    norm_buffers = ShardBuffers(model)
+    rank = _rank()
+    device = next(model.parameters()).device
+    with PreemptionFlag() as preempt:
+        for epoch in range(first_epoch, epochs):
+            model.train()
+            start, total, count = time.perf_counter(), 0.0, 0
+            resuming = resume is not None and epoch == first_epoch
+            if resuming:
+                set_data_rng(resume["epoch_data_rng"])
+            epoch_data_rng = get_data_rng()
+            items = list(batches(epoch))
+            first = 0
+            if resuming:
+                first = skip
+                set_rng_state(resume["rng"])
+                total, count = float(resume["loss_total"]), int(resume["loss_count"])
+            for index in progress(range(first, len(items)), desc=f"{stage} {epoch + 1}/{epochs}", total=len(items) - first):
+                batch = items[index]
+                micro = batch if isinstance(batch, list) else [batch]  # a list: micro-batches, gradients accumulated
+                optimizer.zero_grad(set_to_none=True)
+                if norm_buffers:
+                    norm_buffers.begin()
+                loss, bad_term = 0.0, None
+                for j, part in enumerate(micro):
+                    last = j == len(micro) - 1
+                    sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+                    if seed is not None:
+                        torch.manual_seed(shard_seed(seed, stage, step, rank * len(micro) + j))
+                    with sync:
+                        task_loss = loss_fn(model, part)
+                        terms = {"loss": task_loss}
+                        part_loss = task_loss
+                        if pruner is not None:
+                            penalty = pruner.penalty()
+                            part_loss = part_loss + penalty
+                            terms["pruner.penalty"] = penalty
+                        if len(micro) > 1:
+                            part_loss = part_loss / len(micro)
+                        if bad_term is None and not bool(torch.isfinite(part_loss.detach())):
+                            named = dict(getattr(loss_fn, "last", None) or {}, **terms)
+                            bad_term = ", ".join(nonfinite_terms(named)) or "loss"
+                        part_loss.backward()  # also on a bad loss: DDP ranks must meet in the gradient all-reduce
+                    if norm_buffers:
+                        norm_buffers.shard_done()
+                    loss = loss + part_loss.detach()
+                if norm_buffers:
+                    norm_buffers.finish()
+                if bad_term is None:
+                    bad_grad = first_nonfinite_grad(model)
+                    if bad_grad is not None:
+                        bad_term = f"grad:{bad_grad}"
+                is_bad, stop = any_on_ranks([bad_term is not None, preempt.requested], device)
+                if is_bad:
+                    what = bad_term or "a non-finite loss or gradient on another rank"
+                    if bad_steps >= max_bad_steps:
+                        raise NonFiniteError(stage, step, what, (
+                            f"{stage}: non-finite {what} at step {step} (epoch {epoch + 1}, batch {index + 1}); stopped before "
+                            f"the optimizer step, so the last checkpoint written holds the last good state "
+                            f"(trainer.resume=true continues from it; trainer.max_bad_steps skips such steps)"))
+                    bad_steps += 1
+                    log.warning("csprune: %s: skipping step %d, non-finite %s (%d of trainer.max_bad_steps=%d)",
+                                stage, step, what, bad_steps, max_bad_steps)
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    if grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                    optimizer.step()
+                    if lr_scheduler is not None:
+                        lr_scheduler.step()
                     if pruner is not None:
-                        part_loss = part_loss + pruner.penalty()
-                    if len(micro) > 1:
-                        part_loss = part_loss / len(micro)
-                    if not torch.isfinite(part_loss):
-                        raise FloatingPointError(f"{stage}: loss is {part_loss.item()} at step {step} (epoch {epoch + 1})")
-                    part_loss.backward()
-                loss = loss + part_loss.detach()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            if lr_scheduler is not None:
-                lr_scheduler.step()
-            if pruner is not None:
-                report = pruner.step()
-                if report and writer is not None:
-                    tblog.log_pruning(writer, pruner, report, step)
-            total += float(loss.detach())
-            count += 1
-            if writer is not None and step % log_every == 0:
-                writer.add_scalar(f"{stage}/loss", loss.item(), step)
-                writer.add_scalar(f"{stage}/lr", optimizer.param_groups[0]["lr"], step)
-                if pruner is not None:
-                    tblog.log_sparsity(writer, pruner, step)
-            step += 1
-            done += 1
-            finished = (max_steps is not None and done >= max_steps) or (epoch == epochs - 1 and index == len(items) - 1)
-            if save is not None and (finished or (save_every and done % save_every == 0)):
-                save({"stage": stage, "epoch": epoch, "batch": index + 1, "step": step, "done": done, "finished": finished,
-                      "epoch_data_rng": epoch_data_rng, "data_rng": get_data_rng(), "rng": rng_state_full(),
-                      "loss_total": total, "loss_count": count})
+                        report = pruner.step()
+                        if report and writer is not None:
+                            tblog.log_pruning(writer, pruner, report, step)
+                    total += float(loss.detach())
+                    count += 1
+                    if writer is not None and step % log_every == 0:
+                        writer.add_scalar(f"{stage}/loss", loss.item(), step)
+                        writer.add_scalar(f"{stage}/lr", optimizer.param_groups[0]["lr"], step)
+                        if pruner is not None:
+                            tblog.log_sparsity(writer, pruner, step)
+                step += 1
+                done += 1
+                finished = (max_steps is not None and done >= max_steps) or (epoch == epochs - 1 and index == len(items) - 1)
+                due = finished or stop or (save_every and done % save_every == 0)
+                if save is not None and due:
+                    save({"stage": stage, "epoch": epoch, "batch": index + 1, "step": step, "done": done, "finished": finished,
+                          "preempted": stop and not finished, "bad_steps": bad_steps,
+                          "epoch_data_rng": epoch_data_rng, "data_rng": get_data_rng(), "rng": rng_state_full(),
+                          "loss_total": total, "loss_count": count})
+                if stop and not finished:
+                    raise Preempted(step, f"{stage}: SIGTERM received; stopped after step {step} "
+                                          f"{'with a checkpoint written' if save is not None else 'without a checkpoint (none configured)'}; "
+                                          f"trainer.resume=auto continues from it")
+                if max_steps is not None and done >= max_steps:
+                    break
+            if rank == 0:
+                print(f"{stage} epoch {epoch + 1}/{epochs}: loss {total / max(count, 1):.4f}, "
+                      f"lr {optimizer.param_groups[0]['lr']:.2e}, {time.perf_counter() - start:.1f}s", flush=True)
             if max_steps is not None and done >= max_steps:
                 break
-        if _rank() == 0:
-            print(f"{stage} epoch {epoch + 1}/{epochs}: loss {total / max(count, 1):.4f}, "
-                  f"lr {optimizer.param_groups[0]['lr']:.2e}, {time.perf_counter() - start:.1f}s", flush=True)
-        if max_steps is not None and done >= max_steps:
-            break
     return step
 
 

@@ -70,6 +70,7 @@ class TrainerConfig:
     checkpoint_every: int = 0  # optimizer steps between training checkpoints (0: none; >0 also writes one at each stage's end)
     keep_last: int = 3  # newest training checkpoints kept: enough to survive a corrupt newest one
     resume: str = "false"  # false | true (newest valid checkpoint in output_dir/checkpoints, error if none) | auto (resume if any)
+    max_bad_steps: int = 0  # non-finite loss/gradient steps skipped per stage before stopping (0: a NaN stops the run at once)
 
 
 @dataclass

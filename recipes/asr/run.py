@@ -28,6 +28,7 @@ import csprune
 from csprune import tblog
 from csprune.distributed import check_weights_agree, init_distributed, shutdown_distributed, wrap_ddp
 from csprune.an4 import read_audio
+from csprune.faults import PREEMPTED_EXIT_CODE, Preempted
 from csprune.checkpoint import check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
 from csprune.progress import progress
 from csprune.recipe import build_pruner, fit, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
@@ -170,7 +171,9 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 
 # Config keys that do not change the training trajectory: a checkpoint stays valid when they change.
-RESUME_FREE = {"trainer": ("resume", "checkpoint_every", "keep_last", "threads", "device", "log_every"),
+# trainer.micro_batches is free because the shard count (DDP ranks x micro-batches) is checked instead:
+# 2 ranks resumed as 1 process with micro_batches=2 compute the same steps.
+RESUME_FREE = {"trainer": ("resume", "checkpoint_every", "keep_last", "threads", "device", "log_every", "micro_batches", "max_bad_steps"),
                "data": ("root", "cache_dir"), "": ("output_dir", "mode", "ckpt", "input")}
 
 
@@ -213,7 +216,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data = Data(cfg, vocab, GlobalCMVN.from_dict(init["cmvn"]) if init else None, cfg.seed, rank=rank, world=world)
     model = make_model(model_cfg, vocab).to(device)
     params = count_parameters(model)
-    compat = compat_record(container, model, model_cfg, RESUME_FREE)
+    compat = compat_record(container, model, model_cfg, RESUME_FREE, shards=world * data.micro)
     if state is not None:
         check_compatible(state, compat, resumed[0])
         print(f"resuming from {resumed[0]} (stage {state['stage']}, step {state['progress']['step']})", flush=True)
@@ -234,7 +237,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     def saver(stage: str, extra: dict):
         """``fit``'s save callback: the whole training state, from the unwrapped module (rank 0 only)."""
         def save(progress: dict) -> None:
-            if not (main_rank and tc.checkpoint_every):
+            if not main_rank or not (tc.checkpoint_every or progress.get("preempted")):  # SIGTERM always checkpoints
                 return
             payload = {"stage": stage, "progress": progress, "model": model.state_dict(), "compat": compat,
                        "data": data.state_dict()}
@@ -266,7 +269,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                "train_seconds": lambda: time.perf_counter() - t0})
         step = fit(trained, data.train_batches, loss_fn, opt, sched, tc.epochs, writer=writer, step=step,
                    max_steps=tc.max_steps, grad_clip=tc.grad_clip, log_every=tc.log_every, stage="train",
-                   save=save, save_every=tc.checkpoint_every, resume=progress, data_rng=data_rng)
+                   save=save, save_every=tc.checkpoint_every, resume=progress, data_rng=data_rng, seed=cfg.seed,
+                   max_bad_steps=tc.max_bad_steps)
         train_seconds = time.perf_counter() - t0
         dense_metrics = evaluate(model, data.test_batches(), vocab, device)
         if main_rank:
@@ -324,7 +328,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                   "finetune_seconds": lambda: time.perf_counter() - t0})
         step = fit(trained, data.train_batches, loss_fn, opt, sched, p["finetune_epochs"], pruner=pruner, writer=writer,
                    step=step, max_steps=tc.max_steps, grad_clip=tc.grad_clip, log_every=tc.log_every, stage="finetune",
-                   save=save, save_every=tc.checkpoint_every, resume=progress, data_rng=data_rng)
+                   save=save, save_every=tc.checkpoint_every, resume=progress, data_rng=data_rng, seed=cfg.seed,
+                   max_bad_steps=tc.max_bad_steps)
         metrics["finetune_seconds"] = time.perf_counter() - t0
         metrics["sparsity_actual"] = pruner.sparsity()["total"]
         metrics.update(method=p["method"], sparsity=p["sparsity"], schedule=p["schedule"],
@@ -333,7 +338,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics.update(prune_stats_bytes=pruner.last_report.get("stats_bytes", 0),
                            prune_gram_bytes_peak=pruner.last_report.get("gram_bytes_peak", 0))
         pruner.finalize()
-    check_weights_agree(model, world)
+    check_weights_agree(model, world, on_disk=f"rank 0's dense.pt and training checkpoints in {run_dir}")
     if not main_rank:
         return metrics
 
@@ -391,7 +396,11 @@ import hydra  # noqa: E402
 
 @hydra.main(config_path="../../conf", config_name="asr", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
+    try:
+        metrics = run(cfg)
+    except Preempted as exc:  # SIGTERM: the checkpoint is written; exit as a terminated process would
+        print(f"preempted: {exc}", flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
     shutdown_distributed()  # every rank waits for rank 0's evaluation and export before exiting
     return metrics.get("wer")
 
