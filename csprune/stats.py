@@ -8,10 +8,12 @@ For each target the collector accumulates, per row group,
 
 Here ``x`` is the input one output row reads: a Linear's input vector, an unfolded
 conv patch (positions subsampled to bound the cost), the query/key/value of an
-attention in-projection, an RNN's layer input (``weight_ih_l0``) or output
-(``weight_hh`` of the last layer). Tensors whose inputs a hook cannot see
-(``MultiheadAttention.out_proj``, which is never called as a module; inner RNN
-layers; transposed convs) simply have no statistics: callers fall back and say so.
+attention in-projection, an attention's concatenated heads (the input of its
+``out_proj``), an RNN's layer input (``weight_ih_l0``) or output (``weight_hh`` of
+the last layer). ``MultiheadAttention`` never calls its ``out_proj`` as a module, so
+that input is recomputed in a hook on the attention (:func:`attention_heads`).
+Tensors whose inputs a hook cannot see (inner RNN layers, transposed convs) simply
+have no statistics: callers fall back to magnitude (identity sensing) and say so.
 
 Sums are kept in float64 so long windows do not lose precision; under DDP they are
 all-reduced (:meth:`InputStats.all_reduce`) so every rank computes the same masks.
@@ -28,7 +30,7 @@ from torch import nn
 
 from .targets import Target
 
-__all__ = ["InputStats", "gram_block_size"]
+__all__ = ["InputStats", "gram_block_size", "attention_heads"]
 
 
 class _Accumulator:
@@ -165,6 +167,52 @@ def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tenso
     return cols.permute(0, 2, 1).reshape(b * p, g, ck // g)
 
 
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")  # positional order of MultiheadAttention.forward
+
+
+def attention_heads(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The input of ``mha.out_proj`` for one call ``mha(*args, **kwargs)``: the concatenated heads.
+
+    ``MultiheadAttention`` passes ``out_proj.weight`` to the attention function instead of calling
+    ``out_proj``, so no hook on the Linear ever fires. This recomputes the call with an identity
+    output projection and no output bias: same query/key/value, the (masked) in-projection weights
+    and biases, ``bias_k``/``bias_v``, ``add_zero_attn``, ``key_padding_mask``, ``attn_mask`` and
+    ``is_causal``, and ``batch_first`` handled as ``MultiheadAttention.forward`` does. Attention
+    dropout is left out (``training=False``): in eval mode it is off anyway; in train mode the
+    statistics are those of the dropout-free attention, the input the pruned layer sees at inference
+    (re-drawing the forward's own dropout mask is not possible from a hook). ``need_weights`` and
+    ``average_attn_weights`` only change the returned weights, not the heads. Run under ``no_grad``.
+
+    Args:
+        mha: the attention.
+        args: positional arguments of the call (query [L, N, E] or [N, L, E] with ``batch_first``,
+            or unbatched [L, E]; key/value [S, N, kdim/vdim] likewise; then the optional arguments).
+        kwargs: keyword arguments of the call.
+
+    Returns:
+        [N·L, E] (batched) or [L, E] (unbatched) rows, one per query position; None for nested inputs.
+    """
+    call = dict(zip(_MHA_ARGS, args))
+    call.update({k: v for k, v in kwargs.items() if k in _MHA_ARGS})
+    query, key, value = call.get("query"), call.get("key"), call.get("value")
+    if query is None or key is None or value is None or any(t.is_nested for t in (query, key, value)):
+        return None
+    if mha.batch_first and query.dim() == 3:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    e = mha.embed_dim
+    eye = torch.eye(e, dtype=query.dtype, device=query.device)
+    separate = not mha._qkv_same_embed_dim
+    with torch.no_grad():
+        heads, _ = F.multi_head_attention_forward(
+            query, key, value, e, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias, mha.bias_k, mha.bias_v,
+            mha.add_zero_attn, 0.0, eye, None, training=False, key_padding_mask=call.get("key_padding_mask"),
+            need_weights=False, attn_mask=call.get("attn_mask"), use_separate_proj_weight=separate,
+            q_proj_weight=mha.q_proj_weight if separate else None, k_proj_weight=mha.k_proj_weight if separate else None,
+            v_proj_weight=mha.v_proj_weight if separate else None, is_causal=bool(call.get("is_causal", False)))
+    return heads.reshape(-1, e)
+
+
 class InputStats:
     """Forward-hook collector of per-target input statistics.
 
@@ -212,8 +260,9 @@ class InputStats:
         by_module: dict[int, list[Target]] = {}
         modules: dict[int, nn.Module] = {}
         for t in self.targets:
-            by_module.setdefault(id(t.module), []).append(t)
-            modules[id(t.module)] = t.module
+            owner = t.module if t.host is None else t.host  # an out_proj is observed on its attention
+            by_module.setdefault(id(owner), []).append(t)
+            modules[id(owner)] = owner
         for key, targets in by_module.items():
             module = modules[key]
             observer = self._observer(module, targets)
@@ -275,7 +324,12 @@ class InputStats:
                     if key not in flat:
                         flat[key] = cap(x.reshape(-1, x.shape[-1]))
                 for t in targets:
-                    if t.kind == "mha_in":
+                    if t.kind == "mha_out":
+                        heads = attention_heads(mod, args, kwargs)
+                        if heads is not None:
+                            heads = cap(heads)
+                            self._acc_for(t, heads.shape[-1], heads.device).add(heads, 0)
+                    elif t.kind == "mha_in":
                         for i, x in enumerate(qkv):
                             if x is not None:
                                 xs = flat[id(x)]

@@ -13,11 +13,17 @@ Conv1d / Conv2d           weight [out, in/g, *k]      [out, in/g·prod(k)]
 ConvTranspose1d           weight [in, out/g, k]       [out, in/g·k]
 LSTM / GRU / RNN          weight_ih_l*, weight_hh_l*  [gates·hidden, in]
 MultiheadAttention        in_proj_weight [3E, E]      as is, 3 row groups (q, k, v)
+MultiheadAttention        out_proj.weight [E, E]      as is (kind "mha_out")
 ========================  ==========================  ===========================
 
 Rows are split into ``groups`` contiguous blocks that see different inputs
 (grouped convs, the q/k/v blocks of an attention in-projection); statistics and
 solvers keep one Gram matrix per block.
+
+An attention's ``out_proj`` is a Linear that ``MultiheadAttention`` never calls as a
+module (it passes ``out_proj.weight`` to the attention function), so its target has
+kind ``"mha_out"`` and ``host`` = the attention: statistics observe the attention's
+forward, not the Linear's.
 """
 
 from __future__ import annotations
@@ -47,8 +53,11 @@ class Target:
         module_fqn: name of the owning module ("" for the root).
         module: the owning module.
         param_name: attribute name on ``module`` ("weight", "weight_ih_l0", "in_proj_weight", ...).
-        kind: "linear", "conv", "conv_transpose", "rnn", "mha_in", "embedding".
+        kind: "linear", "conv", "conv_transpose", "rnn", "mha_in", "mha_q"/"mha_k"/"mha_v",
+            "mha_out" (an attention's out_proj), "embedding".
         groups: number of contiguous row blocks that see different inputs.
+        host: the module whose forward consumes the weight when it is not ``module`` itself
+            (the MultiheadAttention of an ``out_proj``); None: ``module``.
     """
 
     fqn: str
@@ -57,6 +66,7 @@ class Target:
     param_name: str
     kind: str
     groups: int = 1
+    host: nn.Module | None = None  # None: the weight is used by calling ``module``
 
     @property
     def weight(self) -> torch.Tensor:
@@ -104,15 +114,24 @@ class Target:
         return o, numel // max(o, 1)
 
 
-def _module_candidates(module_fqn: str, module: nn.Module) -> list[Target]:
-    """Prunable weights a single module owns directly (not its children)."""
+def _module_candidates(module_fqn: str, module: nn.Module, host: nn.Module | None = None) -> list[Target]:
+    """Prunable weights a single module owns directly (not its children).
+
+    Args:
+        module_fqn: the module's name.
+        module: the module.
+        host: the MultiheadAttention whose ``out_proj`` ``module`` is, else None.
+    """
 
     def fqn(p: str) -> str:
         return f"{module_fqn}.{p}" if module_fqn else p
 
     out: list[Target] = []
     if isinstance(module, nn.Linear):
-        out.append(Target(fqn("weight"), module_fqn, module, "weight", "linear"))
+        if host is not None:
+            out.append(Target(fqn("weight"), module_fqn, module, "weight", "mha_out", host=host))
+        else:
+            out.append(Target(fqn("weight"), module_fqn, module, "weight", "linear"))
     elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
         out.append(Target(fqn("weight"), module_fqn, module, "weight", "conv", groups=module.groups))
     elif isinstance(module, nn.ConvTranspose1d):
@@ -135,8 +154,11 @@ def _module_candidates(module_fqn: str, module: nn.Module) -> list[Target]:
 def candidate_targets(model: nn.Module) -> list[Target]:
     """Every weight csprune knows how to prune, in ``named_modules`` order."""
     found: list[Target] = []
+    hosts: dict[int, nn.Module] = {}  # id(out_proj) -> its attention (named_modules yields parents first)
     for module_fqn, module in model.named_modules():
-        found.extend(_module_candidates(module_fqn, module))
+        if isinstance(module, nn.MultiheadAttention) and isinstance(getattr(module, "out_proj", None), nn.Linear):
+            hosts[id(module.out_proj)] = module
+        found.extend(_module_candidates(module_fqn, module, hosts.get(id(module))))
     return found
 
 

@@ -186,9 +186,12 @@ def test_conformer_and_deepcopy(caplog):
             net(*b)
     mha = [t for t in pruner.targets if t.kind == "mha_in"][0]
     assert pruner.stats.observed(mha)  # keyword-called attention observed through its kwargs
+    out_proj = [t for t in pruner.targets if t.fqn.endswith("out_proj.weight")]
+    assert out_proj and all(pruner.stats.observed(t) for t in out_proj)  # recomputed on the attention
     with caplog.at_level(logging.WARNING, logger="csprune"):
-        pruner.prune_to(0.5)
-    assert "out_proj" in caplog.text  # never called as a module: falls back, and says so
+        report = pruner.prune_to(0.5)
+    assert "not observed" not in caplog.text  # every target's inputs seen: no magnitude fallback
+    assert {r["sensing"] for r in report["tensors"].values()} == {"activations"}
     copy.deepcopy(net)  # a parametrized model still deep-copies
     pruner.finalize()
     sp = [(t.weight == 0).float().mean().item() for t in pruner.targets]

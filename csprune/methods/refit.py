@@ -40,8 +40,8 @@ def refit_selection(rows: torch.Tensor, keep: torch.Tensor, ctx: LayerContext, d
         keep: [o, n] bool mask.
         ctx: the target's context.
         damping: δ of the activation Gram.
-        sensing: Gram to fit on (falls back to gaussian when inputs are unobservable).
-        ratio: ρ of the gaussian fallback.
+        sensing: Gram to fit on (unobserved inputs: identity, i.e. the kept weights stay as they are).
+        ratio: ρ of gaussian sensing.
     """
     gram, used = sensing_gram(ctx, rows.shape[1], sensing, damping, ratio, rows.device)
     gram = gram.to(rows.dtype)

@@ -4,7 +4,8 @@
   damped ``G + δ·mean(diag G)·I``;
 * ``gaussian``: Φ_ij ~ N(0, 1/m), m = ⌈ρn⌉, seeded by the tensor's fqn so every
   run and every DDP rank draws the same Φ;
-* ``identity``: G = I (CSP then reduces to magnitude pruning).
+* ``identity``: G = I (CSP then reduces to magnitude pruning); also what ``activations``
+  falls back to, with a warning, for a tensor whose inputs were not observed.
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ def sensing_gram(
         n: row width.
         sensing: one of :data:`SENSINGS`.
         damping: δ, relative diagonal loading of the activation Gram.
-        ratio: ρ = m/n of the Gaussian fallback / sensing.
+        ratio: ρ = m/n of Gaussian sensing.
         device: where the solver runs.
 
     Returns:
-        ([g, n, n] float32 Gram, the sensing actually used).
+        ([g, n, n] float32 Gram, the sensing actually used: "identity" for an ``activations``
+        target without statistics).
     """
     if sensing == "identity":
         return torch.eye(n, device=device).unsqueeze(0), sensing
@@ -61,11 +63,13 @@ def sensing_gram(
             diag_mean = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
             eye = torch.eye(n, device=gram.device)
             return (gram + damping * diag_mean.view(-1, 1, 1) * eye).to(device), sensing
+        # DESIGN §3: values solved on a Gaussian Gram are never written into a layer whose activations
+        # exist (measured worse than zeroing the layer); an unobserved tensor is pruned by magnitude.
         if ctx.target.fqn not in _warned:
             _warned.add(ctx.target.fqn)
-            log.warning("csprune: inputs of %s (%s) are not observable by a hook; using gaussian sensing for it",
+            log.warning("csprune: inputs of %s (%s) were not observed; pruning it by magnitude (identity sensing)",
                         ctx.target.fqn, ctx.target.kind)
-        sensing = "gaussian"
+        return torch.eye(n, device=device).unsqueeze(0), "identity"
     if sensing == "gaussian":
         return gaussian_gram(ctx.target.fqn, n, ratio, device), sensing
     raise ValueError(f"sensing={sensing!r}: expected one of {SENSINGS}")
