@@ -48,16 +48,22 @@ order 16). ``CMRLStream`` splits the file size into per-module payload bits, sid
 Every malformed input raises ``BitstreamError`` naming the file: a foreign file (e.g. a WAV passed by mistake), a
 newer format version, a truncated file (every proper prefix of a valid file is rejected by the framing check before
 anything is decoded), a corrupt file (CRC mismatch), a file written by another model (digest mismatch), and shape or
-range errors at write time.
+range errors at write time. The CRC only catches damage; a file whose CRC was recomputed over a changed header or
+payload (a forgery, or a buggy writer) is held to the format itself: ``read_cmrl`` accepts only what ``write_cmrl``
+writes for the contents it returns -- each chunk must be the canonical encoding of exactly ``F * C`` codes (a chunk
+too short to hold them is refused before decoding), padding bits and nibbles must be zero -- and, given the decoding
+model's code length, sample rate and framing, checks the header against them (so the declared length is the one the
+frames cover). ``tests/test_faults_cmrl.py`` fuzzes all of this.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +96,11 @@ _U32 = struct.Struct("<I")
 _CRC_BYTES = 4
 _MAX_LSF_BITS = 16  # one nibble per width in the header
 _U32_MAX = 0xFFFFFFFF
+# A range-coded chunk of L bytes carries at most 8 L + a few bits of information (the coder's 64-bit state flushes at
+# most two words beyond it; measured: under 11 bits over). So N codes under a model whose most probable code costs b
+# bits need 8 L + _CODER_SLACK_BITS >= N b: checked before decoding, it keeps a forged frame count from making the
+# decoder allocate (and spin through) codes the chunk cannot hold.
+_CODER_SLACK_BITS = 96
 # Leading bytes of files most likely to be passed by mistake, for a clearer message.
 _FOREIGN_MAGICS = {
     b"RIFF": "a RIFF/WAV audio file",
@@ -239,6 +250,17 @@ def _coder_model(freqs: np.ndarray) -> Any:
     return constriction.stream.model.Categorical(freqs.astype(np.float64) / float(1 << PROB_PRECISION), perfect=False)
 
 
+def _encode_chunk(symbols: np.ndarray, freqs: np.ndarray) -> bytes:
+    """Range-code ``symbols`` (1-D, in ``[0, K)``) into the chunk bytes the file stores (trailing zeros dropped)."""
+    import constriction
+
+    encoder = constriction.stream.queue.RangeEncoder()
+    if symbols.size:
+        encoder.encode(symbols.astype(np.int32), _coder_model(freqs))
+    chunk = np.asarray(encoder.get_compressed(), dtype=np.uint32).astype("<u4").tobytes()
+    return _strip_last_word(chunk)
+
+
 # --------------------------------------------------------------------------------------------- writing
 
 
@@ -373,17 +395,11 @@ def write_cmrl(
                 raise BitstreamError(path, f"LSF dimension {dim}: index outside [0, {1 << width}) ({width} bits)")
         side_info = _pack_lsf(lsf, widths)
 
-    import constriction
-
     parts = [_HEADER.pack(MAGIC, FORMAT_VERSION, int(sample_rate), int(num_samples), num_frames, num_modules,
                           code_length, num_centroids, len(widths), digest)]
     parts.append(_pack_nibbles(widths))
     for array, module_freqs in zip(arrays, freqs):
-        encoder = constriction.stream.queue.RangeEncoder()
-        if array.size:
-            encoder.encode(array.reshape(-1).astype(np.int32), _coder_model(module_freqs))
-        chunk = np.asarray(encoder.get_compressed(), dtype=np.uint32).astype("<u4").tobytes()
-        chunk = _strip_last_word(chunk)
+        chunk = _encode_chunk(array.reshape(-1), module_freqs)
         parts.append(_U32.pack(len(chunk)))
         parts.append(chunk)
     parts.append(side_info)
@@ -466,6 +482,8 @@ def _parse(path: Path, data: bytes) -> _Parsed:
         raise BitstreamError(path, "corrupt: CRC32 mismatch (the file was damaged after it was written)")
     if num_modules == 0 or code_length == 0 or num_centroids < 2 or sample_rate == 0 or num_samples == 0:
         raise BitstreamError(path, "corrupt header: zero modules, code length, centroids, rate or length")
+    if order % 2 and nibbles[order]:
+        raise BitstreamError(path, "corrupt header: the padding nibble after the LSF bit widths is not zero")
     header = {
         "version": version,
         "sample_rate": sample_rate,
@@ -523,22 +541,37 @@ def read_cmrl(
     *,
     digest: bytes,
     lsf_bits: Sequence[int] | None = None,
+    code_length: int | None = None,
+    sample_rate: int | None = None,
+    num_frames_for: Callable[[int], int] | None = None,
 ) -> CMRLStream:
     """Decode a ``.cmrl`` file.
+
+    Only a file that is exactly what ``write_cmrl`` writes for the contents returned is accepted: every chunk must
+    be the range coder's encoding of exactly ``F * C`` codes (re-encoding the decoded codes gives the chunk back
+    byte for byte), so a header whose frame count or code length disagrees with the payload -- even one with a
+    recomputed CRC -- is refused instead of decoding codes past the end of the data or leaving data undecoded.
 
     Args:
         path: The file.
         probs: The ``M`` per-module code distributions (shape ``[K]``) of the decoding model.
         digest: ``model_digest(probs, extra)`` of the decoding model; must equal the file's.
         lsf_bits: The LSF bit widths the decoding model expects; when given they must equal the file's (which are
-            stored in it, so None just accepts them).
+            stored in it, so None just accepts them; ``()`` demands a file without side info).
+        code_length: The codes per frame and module the decoding model expects (C); None accepts the file's.
+        sample_rate: The sample rate the decoding model codes (Hz); None accepts the file's.
+        num_frames_for: The decoding model's framing, ``num_samples -> frames``; when given, the file's frame count
+            must be the one its declared length takes (so the decoded waveform is exactly ``num_samples`` long and
+            built from every frame).
 
     Returns:
         The decoded ``CMRLStream``.
 
     Raises:
-        BitstreamError: The file is not a CMRL file, newer, truncated or corrupt; it was written by another model
-            (digest mismatch); or its shapes disagree with ``probs`` / ``lsf_bits``.
+        BitstreamError: The file is not a CMRL file, newer, truncated or corrupt (including a payload that is not
+            the encoding of the codes the header declares); it was written by another model (digest mismatch); or
+            its shapes, rate or frame count disagree with ``probs`` / ``lsf_bits`` / ``code_length`` /
+            ``sample_rate`` / ``num_frames_for``.
     """
     path = Path(path)
     parsed = _parse(path, _read_bytes(path))
@@ -562,12 +595,30 @@ def read_cmrl(
         raise BitstreamError(path, f"the file's LSF bit widths {header['lsf_bits']} differ from the model's "
                              f"{tuple(lsf_bits)}")
 
+    if code_length is not None and int(code_length) != header["code_length"]:
+        raise BitstreamError(path, f"the file has {header['code_length']} codes per frame and module, the decoding "
+                             f"model {int(code_length)}")
+    if sample_rate is not None and int(sample_rate) != header["sample_rate"]:
+        raise BitstreamError(path, f"sample rate {header['sample_rate']} Hz; the decoding model codes "
+                             f"{int(sample_rate)} Hz")
+    num_frames, num_samples = header["num_frames"], header["num_samples"]
+    if num_frames_for is not None and int(num_frames_for(num_samples)) != num_frames:
+        raise BitstreamError(path, f"corrupt header: {num_samples} samples take {int(num_frames_for(num_samples))} "
+                             f"frames of the decoding model's framing, the file declares {num_frames}")
+
     import constriction
 
-    num_frames, code_length = header["num_frames"], header["code_length"]
+    code_length = header["code_length"]
     count = num_frames * code_length
     codes = []
     for m, (chunk, module_freqs) in enumerate(zip(parsed.chunks, freqs)):
+        # Even the most probable code costs min_bits: a chunk too short for `count` of them cannot hold the codes
+        # (refused before the decoder allocates them; a forged frame count could ask for 2**48).
+        min_bits = -math.log2(int(module_freqs.max()) / float(1 << PROB_PRECISION))
+        if count * min_bits > 8 * len(chunk) + _CODER_SLACK_BITS:
+            raise BitstreamError(
+                path, f"corrupt: module {m}'s chunk has {len(chunk)} bytes, too few for the {count} codes the header "
+                f"declares ({num_frames} frames x {code_length}; each costs at least {min_bits:.3g} bits)")
         padded = chunk + b"\0" * (-len(chunk) % 4)
         words = np.frombuffer(padded, dtype="<u4").astype(np.uint32)
         try:
@@ -575,7 +626,14 @@ def read_cmrl(
             symbols = decoder.decode(_coder_model(module_freqs), count) if count else np.zeros(0, np.int32)
         except Exception as error:  # constriction reports malformed data with its own exception types
             raise BitstreamError(path, f"module {m}: the range-coded chunk does not decode ({error})") from None
-        codes.append(np.asarray(symbols, dtype=np.int64).reshape(num_frames, code_length))
+        symbols = np.asarray(symbols, dtype=np.int64).reshape(-1)
+        # The decoder happily decodes past the end of the data (zeros) or stops before it: only the canonical
+        # encoding of exactly these codes is the chunk a writer produced for them.
+        if symbols.size != count or _encode_chunk(symbols, module_freqs) != chunk:
+            raise BitstreamError(
+                path, f"corrupt: module {m}'s chunk is not the encoding of the {count} codes the header declares "
+                f"({num_frames} frames x {code_length}): the frame count or code length does not match the payload")
+        codes.append(symbols.reshape(num_frames, code_length))
     lsf_idx = None
     if header["lsf_bits"]:
         lsf_idx = _unpack_lsf(path, parsed.side_info, num_frames, header["lsf_bits"])

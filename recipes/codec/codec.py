@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import frame_signal, overlap_add
+from .data import frame_signal, num_frames, overlap_add
 from .model import CMRL
 
 __all__ = ["CodedUtterance", "SpeechCodec"]
@@ -127,12 +127,14 @@ class SpeechCodec:
 
     def read(self, path) -> CodedUtterance:
         """Read a .cmrl file written by this model (another model's file is refused by digest)."""
-        from .bitstream import BitstreamError, read_cmrl
+        from .bitstream import read_cmrl
 
+        # Everything the decode depends on is checked against this model: digest (probs + centroids), LSF widths
+        # (none without LPC), codes per frame, rate, and the frame count the declared length takes.
         stream = read_cmrl(path, self.probs(), digest=self.digest(),
-                           lsf_bits=tuple(self.lpc.bits_per_dim) if self.lpc is not None else None)
-        if stream.sample_rate != self.sample_rate:
-            raise BitstreamError(path, f"sample rate {stream.sample_rate} Hz; this model codes {self.sample_rate} Hz")
+                           lsf_bits=tuple(self.lpc.bits_per_dim) if self.lpc is not None else (),
+                           code_length=self.model.cfg.code_len, sample_rate=self.sample_rate,
+                           num_frames_for=lambda n: num_frames(n, self.frame_len, self.overlap))
         device = next(self.model.parameters()).device
         indices = [torch.as_tensor(c, dtype=torch.long, device=device) for c in stream.codes]
         lsf = torch.as_tensor(stream.lsf_idx, dtype=torch.long, device=device) if stream.lsf_idx is not None else None
