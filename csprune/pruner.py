@@ -208,7 +208,10 @@ class Pruner:
         if self.pattern:
             keeps = [nm_keep(s, *self.pattern) for s in scores]
         else:
-            keeps = keep_from_scores(scores, level, self.scope)
+            mags = None  # row floor (methods/base.py): no row left empty where magnitude at this scope keeps one
+            if self.method.row_floor and self.scope != "row":
+                mags = [w.abs().float().masked_fill(~ctx.allowed, float("-inf")) for w, ctx in zip(rows, contexts)]
+            keeps = keep_from_scores(scores, level, self.scope, mags)
         selections: list[Selection] = [
             self.method.select(w, k, ctx)
             for w, k, ctx in progress(list(zip(rows, keeps, contexts)), desc=f"{self.method.name} masks")

@@ -47,6 +47,7 @@ class Random(Method):
     """
 
     name = "random"
+    row_floor = False  # the uninformed baseline: its draw is left as it is (methods/base.py, row floor)
 
     def __init__(self, seed: int = 0):
         self.seed = seed
