@@ -11,6 +11,10 @@ In pruning xy_i = G·w_i; in compressed sensing gram = ΦᵀΦ and xy = Φᵀy.
 Solvers (``SOLVERS``): ``omp`` (default; l0 form), ``fista`` (l1 form; with k, λ is bisected per row
 so the support has at most k_i non-zeros), ``cvxpy`` (exact per-row l1 reference), ``sklearn``
 (``orthogonal_mp_gram`` for k, ``Lasso`` for lam). ``refit`` solves least squares on a support.
+
+``allowed`` ([o, n] bool, solvers in ``ALLOWED_SOLVERS``) restricts row i to the atoms
+{j : allowed[i, j]} — a gradual pruning step without regrowth passes the current mask, so no budget
+is spent on weights that are already pruned.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from csprune.solvers.fista import FISTA, fista_gram
 from csprune.solvers.omp import OMP, omp_gram
 from csprune.solvers.refit import refit
 
+# Solvers that take ``allowed`` natively (the references solve the unrestricted problem only).
+ALLOWED_SOLVERS = ("omp", "fista")
 _L1_OPTIONS = ("reweight_rounds", "reweight_eps", "lam_init", "bisect_steps", "bisect_rtol", "tol")
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "omp": ("atoms_per_iter", "pool_size", "refine_iters", "row_chunk"),
@@ -39,6 +45,7 @@ def solve(
     k: int | Tensor | None = None,
     lam: float | Tensor | None = None,
     solver: str = "omp",  # greedy l0 recovery: lowest output error in bench/ (see DESIGN §3)
+    allowed: Tensor | None = None,  # None: every atom may be selected (one-shot pruning, regrowth)
     **options: Any,
 ) -> SolverResult:
     """Solve the batched sparse problem for every row of ``xy``.
@@ -50,14 +57,17 @@ def solve(
             unconstrained solution). With an l1 solver, λ is bisected per row to reach <= k_i non-zeros.
         lam: l1 weight, float or [o] tensor >= 0. Exactly one of k and lam.
         solver: one of ``SOLVERS``.
+        allowed: [o, n] bool (or 0/1) atoms row i may use; with k, each k_i must not exceed row i's
+            allowed count. Only for the solvers in ``ALLOWED_SOLVERS``.
         **options: solver options (see ``omp_gram``, ``fista_gram``, ``cvxpy_gram``, ``sklearn_gram``).
 
     Returns:
         SolverResult with ``coef`` [o, n] on xy's device and dtype.
 
     Raises:
-        ValueError: bad shapes, dtypes, groups, budgets, NaN/Inf, unknown solver or option — before
-            any work is done, naming the offending argument.
+        ValueError: bad shapes, dtypes, groups, budgets, NaN/Inf, unknown solver or option, an
+            ``allowed`` mask of the wrong shape, with fewer atoms than a row's budget or for a solver
+            outside ``ALLOWED_SOLVERS`` — before any work is done, naming the offending argument.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -65,13 +75,14 @@ def solve(
     o, n = xy.shape
     k_t, lam_t = check_budget(k, lam, o, n, xy)
     check_options(solver, options, _OPTIONS[solver])
+    allowed_t = _check_allowed(allowed, solver, xy, k_t)
     groups = row_groups(o, g, xy.device)
     if solver == "omp":
         if k_t is None:
             raise ValueError("solver='omp' solves the l0 form: pass k (the budget), not lam")
-        return omp_gram(gram3, xy, k_t, groups, **options)
+        return omp_gram(gram3, xy, k_t, groups, allowed=allowed_t, **options)
     if solver == "fista":
-        return fista_gram(gram3, xy, groups, k=k_t, lam=lam_t, **options)
+        return fista_gram(gram3, xy, groups, k=k_t, lam=lam_t, allowed=allowed_t, **options)
     from csprune.solvers.reference import cvxpy_gram, sklearn_gram
 
     if solver == "cvxpy":
@@ -81,4 +92,37 @@ def solve(
     return sklearn_gram(gram3, xy, groups, k=k_t, lam=lam_t, **options)
 
 
-__all__ = ["FISTA", "OMP", "SOLVERS", "SolverResult", "fista_gram", "omp_gram", "refit", "solve"]
+def _check_allowed(allowed: Any, solver: str, xy: Tensor, k: Tensor | None) -> Tensor | None:
+    """Validate ``allowed`` for ``solve``.
+
+    Args:
+        allowed: None, or [o, n] bool / 0-1 tensor.
+        solver: the solver name.
+        xy: [o, n] (shape and device).
+        k: [o] int64 budgets or None (l1 form).
+
+    Returns:
+        [o, n] bool on xy's device, or None when every atom is allowed (the unrestricted fast path).
+    """
+    if allowed is None:
+        return None
+    if not isinstance(allowed, Tensor) or allowed.shape != xy.shape:
+        shape = tuple(allowed.shape) if isinstance(allowed, Tensor) else type(allowed).__name__
+        raise ValueError(f"allowed must be a bool tensor of the shape of xy {tuple(xy.shape)}, got {shape}")
+    allowed_t = allowed.to(device=xy.device) != 0
+    if bool(allowed_t.all()):
+        return None
+    if solver not in ALLOWED_SOLVERS:
+        raise ValueError(f"allowed is supported by the solvers {ALLOWED_SOLVERS}, not solver={solver!r}")
+    if k is not None and xy.shape[0]:
+        short = k > allowed_t.sum(dim=1)
+        if bool(short.any()):
+            row = int(short.nonzero()[0])
+            raise ValueError(
+                f"k exceeds the allowed atoms in {int(short.sum())} row(s); e.g. row {row}: k = {int(k[row])}, "
+                f"{int(allowed_t[row].sum())} allowed"
+            )
+    return allowed_t
+
+
+__all__ = ["ALLOWED_SOLVERS", "FISTA", "OMP", "SOLVERS", "SolverResult", "fista_gram", "omp_gram", "refit", "solve"]

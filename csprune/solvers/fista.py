@@ -7,6 +7,11 @@ Step 1/L with L = λ_max(G) per group from power iteration (times a small safety
 restarted per row when it points uphill (O'Donoghue & Candès 2015), which keeps the linear rate on
 the strongly convex (damped-Gram) problems pruning produces. Stops on the relative duality gap,
 evaluated every ``check_every`` steps (it costs one extra GEMM).
+
+``allowed`` ([o, n] bool) solves the problem restricted to θ_j = 0 off the allowed atoms (a gradual
+pruning step without regrowth): the prox step projects onto that subspace (the prox of λ|θ_j| plus
+the indicator of θ_j = 0 is 0), the duality gap only checks dual feasibility on allowed atoms, and
+the λ bracket comes from the allowed atoms' correlations.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ def _fista_kernel(
     max_iter: int,
     tol: float,
     check_every: int,
+    allowed: Tensor | None = None,  # None: all atoms free
 ) -> L1Solve:
     """Kernel: FISTA with adaptive restart on rows sorted by group.
 
@@ -75,13 +81,16 @@ def _fista_kernel(
         max_iter: gradient steps at most.
         tol: relative duality gap to stop at (every row).
         check_every: steps between gap evaluations.
+        allowed: [r, n] bool atoms that may be non-zero, or None for all.
 
     Returns:
-        L1Solve for these rows.
+        L1Solve for these rows (zero off ``allowed``).
     """
     step = (1.0 / lipschitz).unsqueeze(1)
     thresh = penalty * step
     x = torch.zeros_like(xy) if theta0 is None else theta0.clone()
+    if allowed is not None:
+        x = x.masked_fill(~allowed, 0.0)
     y = x.clone()
     momentum_t = torch.ones(xy.shape[0], dtype=xy.dtype, device=xy.device)
     rel_gap = torch.full_like(momentum_t, float("inf"))
@@ -93,6 +102,8 @@ def _fista_kernel(
         grad = rows_gram_matmul(y, gram3, groups) - xy
         moved = y - step * grad
         x_new = moved.sign() * (moved.abs() - thresh).clamp_min(0)
+        if allowed is not None:
+            x_new = x_new.masked_fill(~allowed, 0.0)  # prox of the restriction θ_j = 0 off the allowed set
         restart = ((y - x_new) * (x_new - x)).sum(dim=1) > 0
         t_new = 0.5 * (1 + torch.sqrt(1 + 4 * momentum_t * momentum_t))
         beta = torch.where(restart, torch.zeros_like(t_new), (momentum_t - 1) / t_new)
@@ -101,6 +112,8 @@ def _fista_kernel(
         x = x_new
         if it % check_every == 0 or it == max_iter:
             corr = xy - rows_gram_matmul(x, gram3, groups)
+            if allowed is not None:
+                corr = corr.masked_fill(~allowed, 0.0)  # fixed-at-zero atoms carry no dual constraint
             _, rel_gap = lasso_duality_gap(x, corr, xy, penalty, energy)
             # λ = 0 rows: the gap is uninformative; use the relative gradient instead.
             rel_gap = torch.where(no_penalty, corr.abs().amax(dim=1) / xy_scale, rel_gap)
@@ -124,12 +137,15 @@ def fista_gram(
     bisect_steps: int = 40,  # evaluations per bisection; ~log2 of the λ range over the bracket tolerance
     bisect_rtol: float = 1e-4,  # stop bisecting a row when hi/lo <= 1 + rtol
     power_iters: int = 100,  # power iteration for λ_max(G); stops early on a 1e-7 relative change
+    allowed: Tensor | None = None,  # None: every atom; else [o, n] bool, e.g. the current mask (no regrowth)
 ) -> SolverResult:
     """Function tier: FISTA on validated inputs (l1 form, or λ bisected to a k-budget).
 
     Args:
         gram3: [g, n, n]; xy: [o, n]; groups: [o].
         k: [o] budgets or None; lam: [o] λ or None (exactly one given).
+        allowed: [o, n] bool atoms that may be non-zero (k_i <= its count, checked by ``solve``);
+            None: all atoms.
         Others: see the defaults' comments.
 
     Returns:
@@ -143,17 +159,21 @@ def fista_gram(
 
     def solve_pen(rows: Tensor, penalty: Tensor, warm: Tensor | None) -> L1Solve:
         return _fista_kernel(
-            gram3, xy[rows], groups[rows], penalty, lipschitz[rows], energy[rows], warm, max_iter, tol, check_every
+            gram3, xy[rows], groups[rows], penalty, lipschitz[rows], energy[rows], warm, max_iter, tol, check_every,
+            None if allowed is None else allowed[rows],
         )
 
     def unconstrained(rows: Tensor) -> Tensor:
-        return refit_rows(gram3, xy[rows], torch.ones_like(xy[rows], dtype=torch.bool), groups[rows])
+        free = torch.ones_like(xy[rows], dtype=torch.bool) if allowed is None else allowed[rows]
+        return refit_rows(gram3, xy[rows], free, groups[rows])
 
     lam_init_t = None
     if lam_init is not None:
         lam_init_t = torch.as_tensor(lam_init, dtype=xy.dtype, device=xy.device).expand(xy.shape[0]).clone()
+    # λ_max and the bisection's first guess come from |xy_j| on the atoms that may be non-zero.
+    bracket_xy = xy if allowed is None else xy.masked_fill(~allowed, 0.0)
     outcome = reweighted_l1(
-        solve_pen, xy, k, lam, lam_init_t, unconstrained, reweight_rounds, reweight_eps, bisect_steps, bisect_rtol
+        solve_pen, bracket_xy, k, lam, lam_init_t, unconstrained, reweight_rounds, reweight_eps, bisect_steps, bisect_rtol
     )
     coef = outcome.coef
     objective = quad_objective(coef, gram3, xy, rows_gram_matmul(coef, gram3, groups))

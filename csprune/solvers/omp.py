@@ -23,6 +23,10 @@ Design for a CPU where GEMM is fast and per-row matrix-vector work is memory-bou
   sklearn's OMP support, by design; ``refine_iters=0`` and ``atoms_per_iter=1`` give plain OMP).
 
 Atom selection runs on D^-½·G·D^-½ (D = diag G): the largest |c_j|/sqrt(G_jj), as for unit-norm atoms.
+
+``allowed`` ([o, n] bool) restricts every row to its allowed atoms (a gradual pruning step without
+regrowth: the current mask). Excluded atoms never enter the greedy selection, the in-pool steps or
+the HTP proposals, so all k_i atoms of a row are spent inside its allowed set (k_i <= its size).
 """
 
 from __future__ import annotations
@@ -71,7 +75,13 @@ def _resolve_variant(kmax: int, n: int, atoms_per_iter: Any, pool_size: Any, ref
 
 
 def _omp_block_kernel(
-    gram_n3: Tensor, xy_n: Tensor, k: Tensor, groups: Tensor, atoms_per_iter: int, pool_size: int
+    gram_n3: Tensor,
+    xy_n: Tensor,
+    k: Tensor,
+    groups: Tensor,
+    atoms_per_iter: int,
+    pool_size: int,
+    allowed: Tensor | None = None,  # None: every atom may be selected
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Kernel: block OMP for one chunk of rows on a unit-diagonal Gram.
 
@@ -82,9 +92,10 @@ def _omp_block_kernel(
         groups: [r] gram group of each row (non-decreasing).
         atoms_per_iter: atoms added per round (a).
         pool_size: candidates per round (>= a); 1 with a = 1 is plain OMP.
+        allowed: [r, n] bool atoms each row may select (k_i <= its count), or None for all.
 
     Returns:
-        (θ [r, n], support [r, n] bool, corr = xy − θ·G [r, n], rounds).
+        (θ [r, n], support [r, n] bool (a subset of ``allowed``), corr = xy − θ·G [r, n], rounds).
     """
     r, n = xy_n.shape
     dtype, device = xy_n.dtype, xy_n.device
@@ -94,6 +105,7 @@ def _omp_block_kernel(
     corr = xy_n.clone()
     if kmax == 0:
         return theta, chosen[:, :n], corr, 0
+    excluded = None if allowed is None else ~allowed  # [r, n] atoms a row may never select
     g = gram_n3.shape[0]
     padded = torch.zeros(g, n + 1, n + 1, dtype=dtype, device=device)
     padded[:, :n, :n] = gram_n3
@@ -123,7 +135,8 @@ def _omp_block_kernel(
             chol, cap = grown, new_cap
         need = (k - t).clamp(0, m)
         p = min(max(pool_size, m), n - t)
-        score = corr.abs().masked_fill(chosen[:, :n], -1.0)
+        taken = chosen[:, :n] if excluded is None else chosen[:, :n] | excluded
+        score = corr.abs().masked_fill(taken, -1.0)
         pool = score.argmax(dim=1, keepdim=True) if p == 1 else torch.topk(score, p, dim=1).indices
         corr_pool0 = torch.gather(corr, 1, pool)
         g_pp = torch.take(flat, base + pool.unsqueeze(2) * (n + 1) + pool.unsqueeze(1))
@@ -137,7 +150,9 @@ def _omp_block_kernel(
             resid_gram = g_pp
         resid_gram0 = resid_gram.clone()
         corr_pool = corr_pool0.clone()
-        blocked = torch.zeros(r, p, dtype=dtype, device=device)
+        # Pool members already chosen or not allowed (score −1; only where a row has fewer than p
+        # selectable atoms) are never picked: a row's first `need` picks are always selectable atoms.
+        blocked = torch.where(torch.gather(score, 1, pool) < 0, math.inf, 0.0).to(dtype)
         picked = torch.empty(r, m, dtype=torch.int64, device=device)
         independent = torch.empty(r, m, dtype=torch.bool, device=device)
         for step in range(m):
@@ -194,12 +209,26 @@ def _topk_mask(score: Tensor, k: Tensor) -> Tensor:
 
 
 def _htp_refine(
-    gram_n3: Tensor, xy_n: Tensor, k: Tensor, groups: Tensor, theta: Tensor, support: Tensor, corr: Tensor, iters: int
+    gram_n3: Tensor,
+    xy_n: Tensor,
+    k: Tensor,
+    groups: Tensor,
+    theta: Tensor,
+    support: Tensor,
+    corr: Tensor,
+    iters: int,
+    allowed: Tensor | None = None,  # None: proposals may use every atom
 ) -> tuple[Tensor, Tensor, Tensor, int]:
     """Improvement-only hard-thresholding pursuit on a unit-diagonal Gram.
 
-    Each round proposes S' = top-k_i of |θ + corr| (a unit gradient step), refits on S', and accepts
-    S' on the rows where ½θᵀGθ − θᵀxy decreases.
+    Each round proposes S' = top-k_i of |θ + corr| (a unit gradient step) among the allowed atoms,
+    refits on S', and accepts S' on the rows where ½θᵀGθ − θᵀxy decreases.
+
+    Args:
+        gram_n3: [g, n, n] normalized Gram; xy_n: [o, n]; k: [o] budgets; groups: [o].
+        theta: [o, n] current solution; support: [o, n] bool; corr: [o, n] = xy − θ·G.
+        iters: rounds at most.
+        allowed: [o, n] bool atoms a proposal may use (k_i <= its count), or None for all.
 
     Returns:
         (θ, support, corr, rounds run).
@@ -207,7 +236,8 @@ def _htp_refine(
     objective = -0.5 * (theta * (xy_n + corr)).sum(dim=1)  # = ½θᵀGθ − θᵀxy when G_SS·θ_S = xy_S
     done = 0
     for _ in range(iters):
-        proposal = _topk_mask((theta + corr).abs(), k)
+        step = (theta + corr).abs()
+        proposal = _topk_mask(step if allowed is None else step.masked_fill(~allowed, -1.0), k)
         changed = (proposal != support).any(dim=1)
         if not bool(changed.any()):
             break
@@ -234,6 +264,7 @@ def omp_gram(
     pool_size: int | str = "auto",  # 2·atoms_per_iter+8: room for the in-pool greedy to find the true OMP atoms
     refine_iters: int | str = "auto",  # 0 for exact OMP (keeps sklearn's support), else 2 improvement-only HTP rounds
     row_chunk: int | None = None,  # rows per chunk; None: as many as keep [rows, k, k] factors <= 512 MiB (fp32)
+    allowed: Tensor | None = None,  # None: every atom; else [o, n] bool, e.g. the current mask (no regrowth)
 ) -> SolverResult:
     """Function tier: batched OMP on validated inputs.
 
@@ -246,10 +277,13 @@ def omp_gram(
         pool_size: candidate pool per round (>= atoms_per_iter), or "auto".
         refine_iters: HTP refinement rounds (improvement-only), or "auto".
         row_chunk: rows processed together.
+        allowed: [o, n] bool atoms each row may select, with k_i <= its count (checked by ``solve``);
+            None: all atoms.
 
     Returns:
         SolverResult with exactly k_i non-zeros per row (fewer only where the residual vanished
-        first and the remaining atoms got coefficient 0), ``lam`` None, ``converged`` True.
+        first and the remaining atoms got coefficient 0), all inside ``allowed``; ``lam`` None,
+        ``converged`` True; ``info["support"]`` the [o, n] bool selected atoms (k_i per row).
     """
     o, n = xy.shape
     kmax = int(k.max()) if o else 0
@@ -272,12 +306,14 @@ def omp_gram(
     rounds = 0
     for start in range(0, o, row_chunk):
         sl = slice(start, min(o, start + row_chunk))
-        th, sup, cr, rd = _omp_block_kernel(gram_n3, xy_n[sl], k[sl], groups[sl], atoms, pool)
+        th, sup, cr, rd = _omp_block_kernel(
+            gram_n3, xy_n[sl], k[sl], groups[sl], atoms, pool, None if allowed is None else allowed[sl]
+        )
         theta[sl], support[sl], corr[sl] = th, sup, cr
         rounds = max(rounds, rd)
     refined = 0
     if refine > 0 and kmax > 0:
-        theta, support, corr, refined = _htp_refine(gram_n3, xy_n, k, groups, theta, support, corr, refine)
+        theta, support, corr, refined = _htp_refine(gram_n3, xy_n, k, groups, theta, support, corr, refine, allowed)
     coef = theta / row_scale
     on_support = corr.abs() * support
     denom = xy_n.abs().amax(dim=1).clamp_min(tiny)
@@ -291,7 +327,13 @@ def omp_gram(
         converged=True,
         objective=objective,
         solver="omp",
-        info={"atoms_per_iter": atoms, "pool_size": pool, "refine_iters_run": refined, "nnz": support.sum(dim=1)},
+        info={
+            "atoms_per_iter": atoms,
+            "pool_size": pool,
+            "refine_iters_run": refined,
+            "nnz": support.sum(dim=1),
+            "support": support,
+        },
     )
 
 
