@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from ..solvers import SOLVERS, refit, solve
+from ..solvers import ALLOWED_SOLVERS, SOLVERS, refit, solve
 from .base import LayerContext, Method, Selection, nm_keep, rank_keep
 from .refit import relative_error, row_error
 from .sensing import SENSINGS, grouped_xy, sensing_gram
@@ -99,7 +99,7 @@ class CSP(Method):
         if self.solver in ("fista", "cvxpy") and ctx.state.get("lam") is not None:
             options.setdefault("lam_init", ctx.state["lam"])
         start = time.perf_counter()
-        result = solve(gram, xy, k=k_rows, solver=self.solver, **options)
+        result = solve(gram, xy, k=k_rows, solver=self.solver, allowed=ctx.allowed if self.solver in ALLOWED_SOLVERS else None, **options)
         seconds = time.perf_counter() - start
         if result.lam is not None:
             ctx.state["lam"] = result.lam.detach()
@@ -116,7 +116,7 @@ class CSP(Method):
         )
         key = key.masked_fill(~ctx.allowed, -1.0)
         mask = nm_keep(key, *ctx.pattern) if ctx.pattern else rank_keep(key, k_rows)
-        values = theta if torch.equal(mask, theta != 0) else refit(gram, xy, mask)
+        values = theta if result.lam is None and torch.equal(mask, theta != 0) else refit(gram, xy, mask)  # l1 θ is shrunk: refit
         # Safeguard (DESIGN §3: CSP must never lose to magnitude+refit): per row, keep whichever of the
         # solver's support, the top-|w| support and the saliency-ranked support has the lowest error.
         fallbacks = 0
