@@ -11,7 +11,9 @@
 At construction every target gets an all-ones mask parametrization. ``step()``
 recomputes masks whenever the schedule says so (using input statistics the
 hooks gathered over the last ``stats_steps`` forward passes), then keeps pruned
-weights and optimizer state at exactly zero.
+weights and optimizer state at exactly zero. Where a method writes new values into
+kept weights (CSP's least-squares refit), their first-moment optimizer state is
+reset (see :func:`csprune.masks.reset_moments`), never left stale.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class Pruner:
         exclude: selectors removed from ``targets`` (e.g. ``["*.bias", "head.*"]``).
         scope: budget scope: "row", "layer" (torch.nn.utils.prune's per-tensor default) or "global".
         pattern: "unstructured" or "N:M" (e.g. "2:4"; fixes the sparsity at 1 − N/M).
-        optimizer: optimizer whose state is zeroed at pruned positions (recommended).
+        optimizer: optimizer whose state is zeroed at pruned positions and whose first moments are
+            reset where a refit rewrote a kept weight (recommended; see ``masks.reset_moments``).
         stats_steps: forward passes observed before each pruning step; 8 batches give a
             well-conditioned Gram for layers up to ~1k inputs at negligible amortized cost.
         regrow: allow a pruned weight to come back at a later pruning step (masks are
@@ -189,7 +192,13 @@ class Pruner:
 
     @torch.no_grad()
     def _prune(self, level: float) -> dict:
-        """Compute every new mask first, then apply them all (nothing changes on error)."""
+        """Compute every new mask first, then apply them all (nothing changes on error).
+
+        Applying a selection with new values also resets the optimizer's first moments of the kept
+        entries whose value changed (``masks.reset_moments``; second moments are kept); the
+        ``enforce`` that follows zeroes all state of the pruned entries. The count of reset entries
+        is reported per tensor as ``moments_reset``.
+        """
         start = time.perf_counter()
         rows, contexts = [], []
         for t, view in zip(self.targets, self._views):
@@ -220,17 +229,24 @@ class Pruner:
         per_tensor = {}
         gram_peak = 0
         for t, view, w, sel in zip(self.targets, self._views, rows, selections):
-            M.set_mask(t.module, t.param_name, view.unrows(sel.mask))
+            mask = view.unrows(sel.mask)
+            M.set_mask(t.module, t.param_name, mask)
+            moments_reset = 0
             if sel.values is not None:
                 original = M.original_param(t.module, t.param_name)
+                before = original.detach().clone() if self.optimizer is not None else None
                 original.copy_(view.unrows(sel.values.to(original.dtype)))
+                if before is not None:
+                    changed = (original != before) & mask
+                    moments_reset = M.reset_moments(t.module, t.param_name, changed, self.optimizer)
             n = t.row_shape[1]
             block = view.block if isinstance(view, _BlockedView) else n
             gram_bytes = 4 * t.groups * n * block  # the float32 Gram a solver gets ([g·n/b, b, b])
             if self.stats is not None:
                 gram_peak = max(gram_peak, gram_bytes)
             per_tensor[t.fqn] = dict(sel.info, sparsity=1.0 - sel.mask.float().mean().item(),
-                                     gram_block=float(block), gram_bytes=float(gram_bytes))
+                                     gram_block=float(block), gram_bytes=float(gram_bytes),
+                                     moments_reset=float(moments_reset))
         self._level = level
         self._check_ranks_agree()
         self.last_report = {
