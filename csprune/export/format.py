@@ -72,7 +72,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Mapping
@@ -83,6 +82,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import atomic_write
 from ..errors import CheckpointError
 from . import coding as mask_coding
 
@@ -357,7 +357,8 @@ def save_sparse(
 ) -> dict[str, Any]:
     """Write a model's weights as a csprune sparse checkpoint (a safetensors file).
 
-    The write is atomic: a temporary file in the same directory is fsynced and renamed over ``path``.
+    The write is atomic: a temporary file in the same directory is fsynced and renamed over ``path`` (then the
+    directory is fsynced). An interrupted export leaves the previous file (or none) under ``path``, never half a file.
 
     Args:
         model_or_state_dict: A finalized ``nn.Module`` (no parametrizations or ``torch.nn.utils.prune`` hooks
@@ -377,6 +378,9 @@ def save_sparse(
     Raises:
         ValueError: Bad ``values_dtype``/``meta``/policy, a model that is not finalized, NaN/Inf under int8.
         TypeError: A state_dict value that is not a plain strided CPU-able tensor of a supported dtype.
+        WriteError: The file could not be written (full disk: ENOSPC, file-size limit: EFBIG, permissions...); the
+            message names ``path`` and says whether a previous file there is intact, ``errno`` keeps the cause's and
+            the temp file was removed. (``csprune.errors.WriteError`` is a ``CsPruneError`` and an ``OSError``.)
     """
     if values_dtype is not None and values_dtype not in VALUES_DTYPES:
         raise ValueError(f"values_dtype must be None or one of {VALUES_DTYPES}, got {values_dtype!r}")
@@ -455,19 +459,14 @@ def _write_safetensors(path: Path, entries: list[tuple[str, str, list[int], np.n
         raise AssertionError("header digest placeholder not unique")
     prefix = prefix.replace(placeholder, _placeholder_field(_digest(prefix)))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(prefix)
-            for _, _, _, data in entries:
-                out.write(memoryview(np.ascontiguousarray(data)).cast("B"))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    def write(out) -> None:
+        out.write(prefix)
+        for _, _, _, data in entries:
+            out.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+
+    # Temp file beside `path`, fsync, rename, fsync of the folder: a crash leaves the old file or the new one; a
+    # failed write (full disk, ulimit -f) raises WriteError naming `path`, with the temp file removed.
+    atomic_write(path, write)
 
 
 def _placeholder_field(digest: str) -> bytes:
