@@ -6,7 +6,7 @@ AN4_ROOT ?= data/an4
 export AN4_ROOT
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench install clean screenshots
+.PHONY: demo test test-all faults bench install clean screenshots
 
 # The stamp is newer than pyproject.toml once the install has succeeded, so a second run installs nothing.
 $(STAMP): pyproject.toml
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q
+
+# The fault suite alone, ending with its table (fault, trials, detected, silently wrong, work lost); also part of `make test`.
+faults: $(STAMP)
+	$(VPY) -m pytest -q -m faults tests/test_faults.py tests/test_faults_cmrl.py tests/test_faults_export.py
 
 test-all: $(STAMP)
 	$(VPY) -m pytest -q -m ''

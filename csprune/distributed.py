@@ -75,19 +75,30 @@ class LossModule(nn.Module):
         return self.model.loss(*inputs)
 
 
-def wrap_ddp(model: nn.Module, world: int, device: torch.device) -> nn.Module:
-    """The module the training loop calls: the model itself, or DDP around its ``loss``.
+def wrap_ddp(model: nn.Module, world: int, device: torch.device, *, forward: str = "loss",
+             find_unused_parameters: bool = False) -> nn.Module:
+    """The module the training loop calls: the model itself, or DDP around it.
 
     Wrap *after* the Pruner is built: parametrizations replace parameters and DDP snapshots the
     parameter list when it wraps.
+
+    Args:
+        model: the unwrapped model.
+        world: number of ranks (1: ``model`` is returned as is).
+        device: this rank's device.
+        forward: "loss": DDP calls ``model.loss`` (the ASR models); "model": ``model.forward`` itself.
+        find_unused_parameters: needed when a step leaves some parameters without gradient (the codec's
+            greedy stages train one module at a time).
     """
     if world <= 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    module = LossModule(model) if forward == "loss" else model
     # broadcast_buffers=False: BatchNorm running statistics are averaged over all shards after every
     # step (ShardBuffers) instead of being overwritten by rank 0's before every forward.
-    return DDP(LossModule(model), device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+               find_unused_parameters=find_unused_parameters)
 
 
 class ShardBuffers:

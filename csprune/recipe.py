@@ -43,7 +43,7 @@ from .schedules import Cubic, Linear, OneShot, Schedule
 log = logging.getLogger("csprune")
 
 __all__ = ["PruneConfig", "build_method", "build_schedule", "build_pruner", "validate_prune_config", "fit", "warmup_cosine",
-           "seed_everything", "shard_seed", "method_label", "progress", "write_json", "is_tty"]
+           "seed_everything", "shard_seed", "launch", "method_label", "progress", "write_json", "is_tty"]
 
 
 @dataclasses.dataclass
@@ -233,6 +233,7 @@ def fit(
     data_rng: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
     seed: int | None = None,
     max_bad_steps: int = 0,
+    on_step: Callable[[bool], None] | None = None,
 ) -> int:
     """The training loop both recipes run (dense training and fine-tuning under a Pruner).
 
@@ -274,6 +275,8 @@ def fit(
         seed: when given, torch's RNG is seeded per shard with :func:`shard_seed` before each forward
             (dropout identical under any split of the global batch). None: one stream per process.
         max_bad_steps: non-finite steps skipped in this stage before stopping (0: stop at the first).
+        on_step: called after each batch with True when the optimizer stepped, False when the step
+            was skipped (e.g. the codec's rate controller updates τ once per global batch here).
 
     Returns:
         the global step after the last batch.
@@ -358,12 +361,16 @@ def fit(
                     log.warning("csprune: %s: skipping step %d, non-finite %s (%d of trainer.max_bad_steps=%d)",
                                 stage, step, what, bad_steps, max_bad_steps)
                     optimizer.zero_grad(set_to_none=True)
+                    if on_step is not None:
+                        on_step(False)
                 else:
                     if grad_clip:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                     optimizer.step()
                     if lr_scheduler is not None:
                         lr_scheduler.step()
+                    if on_step is not None:
+                        on_step(True)
                     if pruner is not None:
                         report = pruner.step()
                         if report and writer is not None:
@@ -396,6 +403,27 @@ def fit(
             if max_steps is not None and done >= max_steps:
                 break
     return step
+
+
+def launch(run: Callable[[Any], Mapping[str, Any]], cfg: Any) -> Mapping[str, Any]:
+    """The body of a recipe's ``@hydra.main``: ``run(cfg)``, then leave the process group.
+
+    Every rank waits for rank 0's evaluation and export before exiting. A run preempted by SIGTERM
+    (its checkpoint written) exits with status 143, as a terminated process would, so a scheduler
+    requeues it and ``trainer.resume=auto`` continues.
+    """
+    import sys
+
+    from .distributed import shutdown_distributed
+    from .faults import PREEMPTED_EXIT_CODE, Preempted
+
+    try:
+        metrics = run(cfg)
+    except Preempted as exc:
+        print(f"preempted: {exc}", flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    shutdown_distributed()
+    return metrics
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, floor: float = 0.05):

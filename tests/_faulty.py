@@ -1,35 +1,71 @@
-"""Run the ASR recipe, SIGKILLing itself around the training checkpoint of step $KILL_AT.
+"""Run the ASR recipe with one injected fault at a chosen point (deterministic: no polling races).
 
-KILL_MODE=after: right after that checkpoint is written; KILL_MODE=during: halfway through writing it.
+Environment:
+    FAULT: kill-after | kill-during   SIGKILL right after / halfway through the training checkpoint of step $FAULT_AT
+           term                       SIGTERM to itself during the loss of call $FAULT_AT (preemption)
+           nan                        the loss of call $FAULT_AT is NaN
+           fsize-ckpt | fsize-export  the file-size limit (ulimit -f) drops to 0 just before the training
+                                      checkpoint of step $FAULT_AT / the export: the kernel refuses the write (EFBIG)
+    FAULT_AT: a global step, or the index of a loss call (one per step with one micro-batch per process).
 """
 import os
+import resource
 import signal
 import sys
 
 sys.path.insert(0, os.environ["CSPRUNE_REPO"])
 import torch  # noqa: E402
 
+import csprune  # noqa: E402
 from recipes.asr import run as recipe  # noqa: E402
 
-kill_at, mode = int(os.environ["KILL_AT"]), os.environ["KILL_MODE"]
-original = recipe.save_checkpoint
+at, fault = int(os.environ["FAULT_AT"]), os.environ["FAULT"]
+original_save, original_loss, original_export = recipe.save_checkpoint, recipe._loss, csprune.save_sparse
+
+
+def no_more_bytes() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
 def save_checkpoint(state, path, keep_last=None):
     step = state.get("progress", {}).get("step")
-    if step == kill_at and mode == "during":
+    if step == at and fault == "kill-during":
         def torn_save(obj, f, *args, **kwargs):
             f.write(b"PK\x03\x04 half a checkpoint")
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         torch.save = torn_save
-    out = original(state, path, keep_last=keep_last)
-    if step == kill_at and mode == "after":
+    if step == at and fault == "fsize-ckpt":
+        no_more_bytes()
+    out = original_save(state, path, keep_last=keep_last)
+    if step == at and fault == "kill-after":
         os.kill(os.getpid(), signal.SIGKILL)
     return out
 
 
-recipe.save_checkpoint = save_checkpoint
+def _loss(device):
+    inner, calls = original_loss(device), [0]
+
+    def loss_fn(model, batch):
+        value = inner(model, batch)
+        if calls[0] == at and fault == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
+        if calls[0] == at and fault == "nan":
+            value = value * float("nan")
+        calls[0] += 1
+        return value
+
+    return loss_fn
+
+
+def save_sparse(*args, **kwargs):
+    if fault == "fsize-export":
+        no_more_bytes()
+    return original_export(*args, **kwargs)
+
+
+recipe.save_checkpoint, recipe._loss, csprune.save_sparse = save_checkpoint, _loss, save_sparse
 import hydra  # noqa: E402
 
-hydra.main(config_path=os.path.join(os.environ["CSPRUNE_REPO"], "conf"), config_name="asr", version_base="1.3")(recipe.run)()
+hydra.main(config_path=os.path.join(os.environ["CSPRUNE_REPO"], "conf"), config_name="asr", version_base="1.3")(recipe.main.__wrapped__)()  # the recipe's own main, unwrapped

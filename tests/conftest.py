@@ -43,3 +43,39 @@ def smoke_run(an4_root, tmp_path_factory):
     cfg = cfg_for("trainer=smoke", "+prune=csp", f"output_dir={out}", f"data.root={an4_root}",
                   f"data.cache_dir={out / 'cache'}")
     return cfg, out, asr_run.run(cfg)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(an4_root, tmp_path_factory):
+    """The resume/fault tests' reference: the smoke recipe of tests/_asr_runs.py run without a fault.
+    Returns (base folder, exported state_dict); the feature cache is ``base / "cache"``."""
+    from _asr_runs import final_state, run
+
+    base = tmp_path_factory.mktemp("resume")
+    done = run(base / "full", base / "cache", an4_root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return base, final_state(base / "full")
+
+
+# ---------------------------------------------------------------- the fault table
+_FAULT_ROWS: list[dict] = []
+
+
+@pytest.fixture(scope="session")
+def fault_table():
+    """``record(fault, trials, detected, silently_wrong, work_lost)`` adds a row to the table printed at the end."""
+    def record(fault: str, trials: int, detected: int, silently_wrong: int, work_lost: int) -> None:
+        _FAULT_ROWS.append(dict(fault=fault, trials=trials, detected=detected, silently_wrong=silently_wrong, work_lost=work_lost))
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FAULT_ROWS:
+        return
+    w = max(len(r["fault"]) for r in _FAULT_ROWS)
+    tr = terminalreporter
+    tr.section("fault table")
+    tr.write_line(f"| {'fault':<{w}} | trials | detected | silently wrong | work lost |")
+    tr.write_line(f"|{'-' * (w + 2)}|--------|----------|----------------|-----------|")
+    for r in _FAULT_ROWS:
+        tr.write_line(f"| {r['fault']:<{w}} | {r['trials']:>6} | {r['detected']:>8} | {r['silently_wrong']:>14} | {r['work_lost']:>9} |")

@@ -207,11 +207,31 @@ def test_rate_control_moves_tau_toward_the_target():
     frames = torch.randn(2, 512)
     over = [{"entropy": torch.tensor(3.0), "penalty": torch.tensor(0.0)}] * 2  # 25.6 kbit/s a module > 8 kbit/s
     loss(frames, frames, over)
+    assert torch.all(loss.tau == 0.1)  # τ moves once per optimizer step, not per batch
+    loss.step_rate_control()
     assert torch.all(loss.tau > 0.1)
     under = [{"entropy": torch.tensor(0.2), "penalty": torch.tensor(0.0)}] * 2
     before = loss.tau.clone()
     loss(frames, frames, under)
+    loss.step_rate_control(applied=False)  # a skipped step leaves τ alone
+    assert torch.equal(loss.tau, before)
+    loss(frames, frames, under)
+    loss.step_rate_control()
     assert torch.all(loss.tau < before)
+
+
+def test_rate_control_uses_the_mean_bitrate_of_a_steps_micro_batches():
+    def tau_after(entropies):
+        loss = CodecLoss(LossConfig(target_bitrate=16000, entropy_weight_init=0.1, rate_gain=0.05), 1, 8533.3)
+        frames = torch.randn(2, 512)
+        for h in entropies:
+            loss(frames, frames, [{"entropy": torch.tensor(h), "penalty": torch.tensor(0.0)}])
+        loss.step_rate_control()
+        return float(loss.tau[0])
+
+    # Two micro-batches at 0.5 and 1.5 bits/code move τ as one batch at their mean, 1.0 bits/code.
+    assert tau_after([0.5, 1.5]) == pytest.approx(tau_after([1.0]), rel=1e-12)
+    assert tau_after([0.5, 1.5]) != pytest.approx(tau_after([1.5]), rel=1e-6)
 
 
 @pytest.mark.parametrize("length", [1, 479, 480, 481, 16000, 23457])

@@ -145,9 +145,14 @@ def test_final_weight_check_detects_a_tiny_difference():
 README_DDP = ["recipes/asr/run.py", "+prune=csp", "trainer=smoke"]
 
 
-def _recipe(cmd: list[str], out, cache, an4_root) -> subprocess.CompletedProcess:
+def _recipe(cmd: list[str], out, cache, an4_root) -> subprocess.CompletedProcess:  # cache None: the codec (no feature cache)
+    """Run ``cmd`` (script path relative to the repo, as in the README) from a temp folder, so Hydra's
+    own run folder lands there and not in the working tree."""
     env = dict(os.environ, AN4_ROOT=str(an4_root), OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd + [f"output_dir={out}", f"data.cache_dir={cache}"], cwd=REPO, env=env,
+    cmd = [str(REPO / c) if c.endswith(".py") else c for c in cmd]
+    out.mkdir(parents=True, exist_ok=True)
+    folders = [f"output_dir={out}"] + ([f"data.cache_dir={cache}"] if cache is not None else [])
+    done = subprocess.run(cmd + folders, cwd=out.parent, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done
@@ -186,6 +191,29 @@ def test_readme_ddp_command_on_the_default_model_matches_one_process(an4_root, t
     bn = [k for k in a if k.endswith("running_var")]
     assert all(not torch.equal(a[k], torch.ones_like(a[k])) for k in bn), "running statistics never updated"
     assert sum(int((v == 0).sum()) for v in a.values()) > 10_000  # CSP pruned a large share
+
+
+README_CODEC_DDP = ["recipes/codec/run.py", "+prune=csp", "trainer=smoke"]
+
+
+def test_readme_codec_ddp_command_matches_one_process(an4_root, tmp_path):
+    """The codec under 2 gloo ranks (greedy stages with unused modules, the rate controller's τ
+    agreed over ranks once per step) equals one process with the same two shards per global batch."""
+    import csprune
+    from recipes.codec import run as codec_run
+
+    two = tmp_path / "two"
+    done = _recipe([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *README_CODEC_DDP],
+                   two, None, an4_root)
+    assert "2 DDP ranks" in done.stdout
+    one = tmp_path / "one"
+    _recipe([sys.executable, *README_CODEC_DDP, "trainer.micro_batches=2"], one, None, an4_root)
+    a, b = (codec_run.load_codec(str(d / "model.safetensors")).model.state_dict() for d in (one, two))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k] == 0, b[k] == 0), f"mask of {k} differs"
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    assert csprune.read_sparse_meta(two / "model.safetensors")["recipe"] == "codec"
 
 
 def test_batch_size_must_split_over_ranks(an4_root):

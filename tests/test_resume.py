@@ -1,6 +1,6 @@
 """Training checkpoints: kill-and-resume equals an uninterrupted run; torn writes and foreign checkpoints.
 
-The recipe runs as a subprocess (``tests/_killer.py`` wraps it and SIGKILLs itself right after, or
+The recipe runs as a subprocess (``tests/_faulty.py`` wraps it and SIGKILLs itself right after, or
 halfway through, the training checkpoint of a chosen step: deterministic, no polling races), then
 again with ``trainer.resume=true`` into the same folder. Single-threaded CPU, seeded: bit-exact.
 """
@@ -8,62 +8,15 @@ again with ``trainer.resume=true`` into the same folder. Single-threaded CPU, se
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import csprune
 from csprune.checkpoint import FORMAT, CheckpointMismatch, latest_checkpoint, load_checkpoint, save_checkpoint
 
-from conftest import REPO, cfg_for
-
-# Smoke recipe with a gradual schedule: 6 dense steps, then 12 fine-tuning steps whose GMP ramp
-# (cubic, an update every 2 steps) spans the first 9; a training checkpoint every 2 steps.
-ARGS = ["trainer=smoke", "+prune=gmp", "trainer.threads=1", "data.max_train_utts=48", "trainer.max_steps=12",
-        "prune.ramp_epochs=1.5", "prune.frequency=2", "trainer.checkpoint_every=2"]
-KILL_STEP = 10  # global step 10 = fine-tuning step 4 of the 9-step ramp (sparsity ~0.5 of 0.7)
-
-
-def _run(out: Path, cache: Path, an4_root: Path, *extra: str, kill: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, AN4_ROOT=str(an4_root), CSPRUNE_REPO=str(REPO), OMP_NUM_THREADS="1")
-    script = REPO / "recipes/asr/run.py"
-    if kill:
-        env.update(KILL_AT=str(KILL_STEP), KILL_MODE=kill)
-        script = REPO / "tests/_killer.py"
-    cmd = [sys.executable, str(script), *ARGS, f"output_dir={out}", f"data.cache_dir={cache}", *extra]
-    return subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    from recipes.asr import run as asr_run
-
-    path = run_dir / "model.safetensors"
-    meta = csprune.read_sparse_meta(path)
-    model = asr_run.make_model(meta["model"], asr_run.CharVocab.from_dict(meta["vocab"]))
-    csprune.load_sparse(path, model=model)
-    return model.state_dict()
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k] == 0, b[k] == 0), f"mask of {k} differs"
-        assert torch.equal(a[k], b[k]), f"{k} differs (max {(a[k].float() - b[k].float()).abs().max()})"
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(an4_root, tmp_path_factory):
-    base = tmp_path_factory.mktemp("resume")
-    out = base / "full"
-    done = _run(out, base / "cache", an4_root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return base, _final_state(out)
-
+from _asr_runs import ARGS, KILL_STEP, assert_same as _assert_same, final_state as _final_state, run as _run
+from conftest import cfg_for
 
 def test_sigkill_mid_ramp_then_resume_equals_uninterrupted(uninterrupted, an4_root):
     base, reference = uninterrupted

@@ -26,12 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import csprune
 from csprune import tblog
-from csprune.distributed import check_weights_agree, init_distributed, shutdown_distributed, wrap_ddp
+from csprune.distributed import check_weights_agree, init_distributed, wrap_ddp
 from csprune.an4 import read_audio
-from csprune.faults import PREEMPTED_EXIT_CODE, Preempted
 from csprune.checkpoint import check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
 from csprune.progress import progress
-from csprune.recipe import build_pruner, fit, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
+from csprune.recipe import build_pruner, fit, launch, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
 from recipes.asr.config import register_configs
 from recipes.asr.data import ASRBatch, AN4Dataset, LengthBucketBatchSampler, collate_asr, default_an4_root, read_an4_split
 from recipes.asr.features import FbankConfig, FeatureCache, GlobalCMVN, SpecAugment, compute_fbank
@@ -396,13 +395,7 @@ import hydra  # noqa: E402
 
 @hydra.main(config_path="../../conf", config_name="asr", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = run(cfg)
-    except Preempted as exc:  # SIGTERM: the checkpoint is written; exit as a terminated process would
-        print(f"preempted: {exc}", flush=True)
-        sys.exit(PREEMPTED_EXIT_CODE)
-    shutdown_distributed()  # every rank waits for rank 0's evaluation and export before exiting
-    return metrics.get("wer")
+    return launch(run, cfg).get("wer")  # SIGTERM: exit 143 after the checkpoint; all ranks leave together
 
 
 if __name__ == "__main__":

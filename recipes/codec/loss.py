@@ -70,6 +70,10 @@ class MelLoss(nn.Module):
 class CodecLoss(nn.Module):
     """All loss terms of one training step, and the rate controller's state (τ per module, a buffer).
 
+    The rate controller adapts τ once per optimizer step (:meth:`step_rate_control`), from the mean
+    bitrate of all the step's batches: every micro-batch and, under DDP, every rank's. So τ is the same
+    on every rank and the same as in one process that cuts each global batch into the same shards.
+
     Args:
         cfg: weights and rate-control settings.
         num_modules: M (each gets an equal share of the bitrate left after ``side_bits_per_second``).
@@ -95,6 +99,8 @@ class CodecLoss(nn.Module):
 
             self.psycho = PsychoacousticLoss(noise_domain="db")  # dB excess over the mask: bounded, unlike the power ratio
         self.last: dict[str, float] = {}  # the latest step's terms, for logging
+        self._bits = torch.zeros(num_modules, dtype=torch.float64)  # this step's summed module bitrates, not yet applied
+        self._calls = torch.zeros(num_modules, dtype=torch.float64)  # batches behind each sum
 
     def forward(self, decoded: torch.Tensor, target: torch.Tensor, modules: list[dict],
                 train_modules: Sequence[int] | None = None) -> torch.Tensor:
@@ -123,9 +129,8 @@ class CodecLoss(nn.Module):
             terms[f"bitrate_m{m}"] = bitrate
             terms[f"tau_m{m}"] = float(self.tau[m])
             if self.training:
-                with torch.no_grad():
-                    ratio = bitrate / self.module_bitrate_target - 1.0
-                    self.tau[m] = (self.tau[m] * math.exp(c.rate_gain * max(-1.0, min(1.0, ratio)))).clamp(1e-5, 10.0)
+                self._bits[m] += bitrate
+                self._calls[m] += 1
         if self.psycho is not None:
             psy = self.psycho(target, decoded)
             loss = loss + c.priority_weight * psy["priority"] + c.noise_weight * psy["noise_modulation"]
@@ -133,3 +138,27 @@ class CodecLoss(nn.Module):
         terms["loss"] = loss.item()
         self.last = terms
         return loss
+
+    @torch.no_grad()
+    def step_rate_control(self, applied: bool = True) -> None:
+        """Move each trained module's τ toward its bit budget from this step's mean bitrate, then reset.
+
+        Args:
+            applied: False when the optimizer step was skipped (a non-finite loss): the step's
+                bitrates are dropped and τ stays.
+        """
+        bits, calls = self._bits.clone(), self._calls.clone()
+        self._bits.zero_()
+        self._calls.zero_()
+        if not applied:
+            return
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            both = torch.cat([bits, calls]).to(self.tau.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(both)
+            bits, calls = both[: len(bits)].cpu(), both[len(bits):].cpu()
+        c = self.cfg
+        for m in range(len(bits)):
+            if calls[m] > 0:
+                ratio = float(bits[m] / calls[m]) / self.module_bitrate_target - 1.0
+                self.tau[m] = (self.tau[m] * math.exp(c.rate_gain * max(-1.0, min(1.0, ratio)))).clamp(1e-5, 10.0)

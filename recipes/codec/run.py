@@ -31,9 +31,9 @@ import csprune
 from csprune import tblog
 from csprune.an4 import AN4_SAMPLE_RATE, default_an4_root, read_an4_split, read_audio
 from csprune.checkpoint import load_checkpoint, save_checkpoint
-from csprune.distributed import resolve_device
+from csprune.distributed import check_weights_agree, init_distributed, wrap_ddp
 from csprune.progress import progress
-from csprune.recipe import build_pruner, fit, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
+from csprune.recipe import build_pruner, fit, launch, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
 from recipes.codec.codec import CodedUtterance, SpeechCodec
 from recipes.codec.config import register_configs
 from recipes.codec.data import FrameBank, load_utterance
@@ -104,10 +104,24 @@ class TrainStep:
         return value
 
 
+def shard_batches(batches: list[torch.Tensor], rank: int, world: int, micro: int) -> list:
+    """This rank's shards of each global batch of frame indices: rows ``s::S`` for its ``micro`` shards
+    ``s = rank·micro … (rank+1)·micro − 1`` of ``S = world·micro`` (the batch itself when S = 1)."""
+    shards = world * micro
+    if shards == 1:
+        return batches
+    return [[idx[s::shards] for s in range(rank * micro, (rank + 1) * micro)] for idx in batches]
+
+
 def train_stage(codec: SpeechCodec, bank: FrameBank, loss: CodecLoss, cfg: DictConfig, *, params, lr: float, epochs: int,
                 stage: str, step: int, writer, generator: torch.Generator, upto: int | None = None,
-                train_only: int | None = None, pruner=None, optimizer=None, warmup: int | None = None) -> int:
-    """One training stage (a greedy module, the joint phase, or fine-tuning under a pruner); returns the step after it."""
+                train_only: int | None = None, pruner=None, optimizer=None, warmup: int | None = None,
+                rank: int = 0, world: int = 1) -> int:
+    """One training stage (a greedy module, the joint phase, or fine-tuning under a pruner); returns the step after it.
+
+    Under DDP every rank draws the same global batches (same generator) and trains on its shards of
+    them; ``trainer.micro_batches`` cuts them the same way in one process.
+    """
     tc, d = cfg.trainer, cfg.data
     per_epoch = (d.frames_per_epoch or len(bank)) // d.batch_size or 1
     total = epochs * per_epoch if tc.max_steps is None else min(tc.max_steps, epochs * per_epoch)
@@ -116,9 +130,14 @@ def train_stage(codec: SpeechCodec, bank: FrameBank, loss: CodecLoss, cfg: DictC
     count = None if d.frames_per_epoch is None else per_epoch
     step_fn = TrainStep(codec, bank, loss, upto, train_only, writer, stage, step, tc.log_every)
     loss.train()  # the rate controller adapts τ only in training mode
-    batches = lambda epoch: bank.batches(d.batch_size, count, generator)  # noqa: E731  index tensors [batch_size]
-    return fit(codec.model, batches, step_fn, opt, sched, epochs, pruner=pruner, writer=writer, step=step,
-               max_steps=tc.max_steps, grad_clip=tc.grad_clip, log_every=tc.log_every, stage=stage)
+    micro = tc.micro_batches
+    batches = lambda epoch: shard_batches(bank.batches(d.batch_size, count, generator), rank, world, micro)  # noqa: E731
+    device = next(codec.model.parameters()).device
+    # find_unused_parameters: a greedy stage leaves the other modules without gradient.
+    trained = wrap_ddp(codec.model, world, device, forward="model", find_unused_parameters=train_only is not None)
+    return fit(trained, batches, step_fn, opt, sched, epochs, pruner=pruner, writer=writer, step=step,
+               max_steps=tc.max_steps, grad_clip=tc.grad_clip, log_every=tc.log_every, stage=stage, seed=cfg.seed,
+               max_bad_steps=tc.max_bad_steps, on_step=loss.step_rate_control)
 
 
 @torch.no_grad()
@@ -219,11 +238,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         validate_prune_config(prune_cfg)  # before any work
     wall_start, started_at = time.perf_counter(), time.time()
     run_dir = _run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     tc, d = cfg.trainer, cfg.data
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    device = resolve_device(tc.device)
+    rank, world, device = init_distributed(tc.device)
+    main_rank = rank == 0
+    if d.batch_size % (world * tc.micro_batches):
+        raise ValueError(f"data.batch_size={d.batch_size}: must be divisible by {world} DDP ranks x "
+                         f"trainer.micro_batches={tc.micro_batches}")
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -238,17 +262,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     bank = FrameBank(train_utts, d.target_dbfs, codec.signal_frames)  # pre-emphasised frames with LPC
     test_waves = [load_utterance(u, d.target_dbfs) for u in test_utts]
     params = count_parameters(codec.model)
-    print(f"model cmrl: {codec.model.num_modules} modules, {params / 1e6:.3f}M parameters"
-          f"{' + LPC front end' if codec.lpc is not None else ''}; {len(train_utts)} train utterances ({len(bank)} frames), "
-          f"{len(test_utts)} test; device {device}", flush=True)
+    if main_rank:
+        print(f"model cmrl: {codec.model.num_modules} modules, {params / 1e6:.3f}M parameters"
+              f"{' + LPC front end' if codec.lpc is not None else ''}; {len(train_utts)} train utterances ({len(bank)} frames), "
+              f"{len(test_utts)} test; device {device}{f'; {world} DDP ranks' if world > 1 else ''}", flush=True)
     loss_cfg = LossConfig(**container["loss"])
     loss = CodecLoss(loss_cfg, codec.model.num_modules, codec.codes_per_second, codec.frame_len, SAMPLE_RATE,
                      codec.side_bits_per_second).to(device)
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(run_dir))
-    tblog.log_config(writer, container)
+    writer = SummaryWriter(log_dir=str(run_dir)) if main_rank else None
+    if writer is not None:
+        tblog.log_config(writer, container)
+    ddp = {"rank": rank, "world": world}
     step, train_seconds = 0, 0.0
     if init is not None:
         codec.model.load_state_dict(init["model"])
@@ -260,16 +287,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for m in range(codec.model.num_modules):  # phase 1: greedy, module by module
             step = train_stage(codec, bank, loss, cfg, params=codec.model.stages[m].parameters(), lr=tc.greedy_lr or tc.lr,
                                epochs=tc.greedy_epochs, stage=f"greedy_m{m}", step=step, writer=writer,
-                               generator=generator, upto=m + 1, train_only=m)
+                               generator=generator, upto=m + 1, train_only=m, **ddp)
         step = train_stage(codec, bank, loss, cfg, params=codec.model.parameters(), lr=tc.lr, epochs=tc.epochs,
-                           stage="joint", step=step, writer=writer, generator=generator)  # phase 2: all together
+                           stage="joint", step=step, writer=writer, generator=generator, **ddp)  # phase 2: all together
         refresh_code_probs(codec, bank)
         train_seconds = time.perf_counter() - t0
-        dense_metrics = evaluate(codec, test_utts, test_waves, writer, step, "eval_dense", d.audio_samples)
-        save_checkpoint({"model": codec.model.state_dict(), "model_config": model_cfg, "lpc_config": lpc_cfg,
-                         "tau": loss.tau.detach().cpu(), "dense_metrics": dense_metrics, "seed": cfg.seed},
-                        run_dir / "dense.pt")
-        print(_describe(f"dense after {train_seconds:.0f}s", dense_metrics), flush=True)
+        dense_metrics = {}
+        if main_rank:  # the other ranks wait in the next collective (or at the final barrier)
+            dense_metrics = evaluate(codec, test_utts, test_waves, writer, step, "eval_dense", d.audio_samples)
+            save_checkpoint({"model": codec.model.state_dict(), "model_config": model_cfg, "lpc_config": lpc_cfg,
+                             "tau": loss.tau.detach().cpu(), "dense_metrics": dense_metrics, "seed": cfg.seed},
+                            run_dir / "dense.pt")
+            print(_describe(f"dense after {train_seconds:.0f}s", dense_metrics), flush=True)
 
     metrics: dict[str, Any] = {
         "recipe": "codec", "model": "cmrl", "params": params, "seed": cfg.seed, "primary_metric": "pesq",
@@ -279,7 +308,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     # Every 8th test frame (~1.5k of 12k): a quick SNR of the hard-quantized model before and after pruning.
     test_frames = torch.cat([codec.signal_frames(w) for w in test_waves])[::8]
-    metrics["dense_frame_snr"] = frame_snr_db(codec, test_frames)  # the model as loaded, before any pruning
+    if main_rank:
+        metrics["dense_frame_snr"] = frame_snr_db(codec, test_frames)  # the model as loaded, before any pruning
     final = dense_metrics
     if prune_cfg is not None:
         p = prune_cfg
@@ -298,19 +328,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         codec.model(codec.training_view(frames)["input"], hard=True)
                 pruner.stats.enabled = False
             report = pruner.prune_to(p["sparsity"])
-            tblog.log_pruning(writer, pruner, report, step)
-            metrics["oneshot_frame_snr"] = frame_snr_db(codec, test_frames)
-            writer.add_scalar("eval_oneshot/frame_snr", metrics["oneshot_frame_snr"], step)
-            print(f"one-shot {p['method']} to {p['sparsity']}: frame SNR {metrics['dense_frame_snr']:.2f} -> "
-                  f"{metrics['oneshot_frame_snr']:.2f} dB before fine-tuning ({report['seconds']:.1f}s pruning)", flush=True)
+            if main_rank:
+                tblog.log_pruning(writer, pruner, report, step)
+                metrics["oneshot_frame_snr"] = frame_snr_db(codec, test_frames)
+                writer.add_scalar("eval_oneshot/frame_snr", metrics["oneshot_frame_snr"], step)
+                print(f"one-shot {p['method']} to {p['sparsity']}: frame SNR {metrics['dense_frame_snr']:.2f} -> "
+                      f"{metrics['oneshot_frame_snr']:.2f} dB before fine-tuning ({report['seconds']:.1f}s pruning)", flush=True)
         step = train_stage(codec, bank, loss, cfg, params=None, lr=p["finetune_lr"], epochs=p["finetune_epochs"],
-                           stage="finetune", step=step, writer=writer, generator=generator, pruner=pruner, optimizer=opt, warmup=0)
+                           stage="finetune", step=step, writer=writer, generator=generator, pruner=pruner, optimizer=opt, warmup=0,
+                           **ddp)
         refresh_code_probs(codec, bank)  # the coder's distribution must describe the pruned model's codes
         metrics["finetune_seconds"] = time.perf_counter() - t0
         metrics["sparsity_actual"] = pruner.sparsity()["total"]
         metrics.update(method=p["method"], sparsity=p["sparsity"], schedule=p["schedule"],
                        label=method_label(p["method"], p["schedule"]))
         pruner.finalize()
+    check_weights_agree(codec.model, world, on_disk=f"rank 0's dense.pt in {run_dir}")
+    if not main_rank:
+        return metrics
+    if prune_cfg is not None:
         final = evaluate(codec, test_utts, test_waves, writer, step, "eval", d.audio_samples)
         metrics["frame_snr"] = frame_snr_db(codec, test_frames)
         print(_describe(f"{p['method']} {p['sparsity']}", final), flush=True)
@@ -388,8 +424,7 @@ import hydra  # noqa: E402
 
 @hydra.main(config_path="../../conf", config_name="codec", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
-    return metrics.get("pesq")
+    return launch(run, cfg).get("pesq")  # all ranks leave together; SIGTERM exits 143
 
 
 if __name__ == "__main__":
