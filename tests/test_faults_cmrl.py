@@ -556,6 +556,21 @@ def test_a_nonzero_width_padding_nibble_is_refused(tmp_path):
         read_cmrl_header(path)
 
 
+def test_an_unreadable_file_is_the_documented_error(tmp_path, plain, monkeypatch):
+    import errno
+    import os
+
+    path = tmp_path / "plain.cmrl"
+
+    def failing_read(self):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(Path, "read_bytes", failing_read)
+    with pytest.raises(BitstreamError, match="cannot be read") as info:
+        plain.read(path)
+    assert str(path) in str(info.value) and isinstance(info.value.__cause__, OSError)
+
+
 def test_the_codec_refuses_a_forged_length(tmp_path):
     """``SpeechCodec.read`` checks the frame count against its framing and the code length against its model."""
     import torch

@@ -512,6 +512,8 @@ def _read_bytes(path: Path) -> bytes:
         raise BitstreamError(path, "no such file") from None
     except IsADirectoryError:
         raise BitstreamError(path, "is a directory, not a CMRL file") from None
+    except OSError as error:  # permissions, an I/O error: still the documented error, naming the file
+        raise BitstreamError(path, f"cannot be read ({error.strerror or error})") from error
 
 
 def read_cmrl_header(path: str | os.PathLike) -> dict[str, Any]:
