@@ -27,7 +27,7 @@ test: $(STAMP)
 
 # The fault suite alone, ending with its table (fault, trials, detected, silently wrong, work lost); also part of `make test`.
 faults: $(STAMP)
-	$(VPY) -m pytest -q -m faults tests/test_faults.py tests/test_faults_cmrl.py tests/test_faults_export.py
+	$(VPY) -m pytest -q -m faults
 
 test-all: $(STAMP)
 	$(VPY) -m pytest -q -m ''

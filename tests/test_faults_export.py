@@ -27,6 +27,8 @@ from csprune.errors import CsPruneError, WriteError
 from csprune.export import load_sparse, read_sparse_header, save_sparse
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.faults
+
 NAME = "model.safetensors"
 
 
@@ -99,7 +101,7 @@ def sizes(tmp_path_factory) -> dict[str, int]:
 @pytest.mark.parametrize("previous", [False, True], ids=["no-previous-file", "previous-file"])
 @pytest.mark.parametrize("fraction", [0.0, 0.001, 0.5, 0.999], ids=["at-0", "in-header", "halfway", "last-bytes"])
 def test_a_write_failing_midway_names_the_path_and_leaves_no_half_file(tmp_path, monkeypatch, sizes, previous,
-                                                                      fraction):
+                                                                      fraction, fault_table):
     path = tmp_path / NAME
     if previous:
         save_sparse(_state(1), path)
@@ -123,6 +125,7 @@ def test_a_write_failing_midway_names_the_path_and_leaves_no_half_file(tmp_path,
         assert not path.exists()
     assert _listing(tmp_path) == ([NAME] if previous else [])  # the temp file was removed
     assert not any(p.exists() for p in seen)
+    fault_table(f"full disk (ENOSPC) mid-export at {fraction:.1%}{', over a previous file' if previous else ''}", 1, 1, 0, 0)
 
 
 def _child(code: str, timeout: float = 120, **kwargs) -> subprocess.Popen:
@@ -131,7 +134,7 @@ def _child(code: str, timeout: float = 120, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def test_the_file_size_limit_midway_names_the_path_and_leaves_no_half_file(tmp_path, sizes):
+def test_the_file_size_limit_midway_names_the_path_and_leaves_no_half_file(tmp_path, sizes, fault_table):
     """``ulimit -f`` (RLIMIT_FSIZE) with SIGXFSZ ignored: the kernel refuses the write past the limit (EFBIG)."""
     (tmp_path / "fresh").mkdir()
     (tmp_path / "over").mkdir()
@@ -165,10 +168,11 @@ def test_the_file_size_limit_midway_names_the_path_and_leaves_no_half_file(tmp_p
         assert str(path) in message and "File too large" in message, message
     assert _listing(tmp_path / "fresh") == []
     assert _listing(tmp_path / "over") == [NAME] and (tmp_path / "over" / NAME).read_bytes() == before
+    fault_table("ulimit -f mid-export (fresh, over a previous file)", 2, 2, 0, 0)
 
 
 @pytest.mark.parametrize("previous", [False, True], ids=["no-previous-file", "previous-file"])
-def test_sigkill_midway_leaves_the_old_file_or_none(tmp_path, sizes, previous):
+def test_sigkill_midway_leaves_the_old_file_or_none(tmp_path, sizes, previous, fault_table):
     path = tmp_path / NAME
     if previous:
         save_sparse(_state(1), path)
@@ -231,3 +235,5 @@ def test_sigkill_midway_leaves_the_old_file_or_none(tmp_path, sizes, previous):
     save_sparse(_state(0), path)
     assert path.stat().st_size == sizes["new"]
     load_sparse(path)
+    # A kill is not "detected" (nothing runs to see it); what counts is that no half file stands under the name.
+    fault_table(f"SIGKILL mid-export{' over a previous file' if previous else ''}", 1, 1, 0, 0)

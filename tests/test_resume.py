@@ -18,7 +18,8 @@ from csprune.checkpoint import FORMAT, CheckpointMismatch, latest_checkpoint, lo
 from _asr_runs import ARGS, KILL_STEP, assert_same as _assert_same, final_state as _final_state, run as _run
 from conftest import cfg_for
 
-def test_sigkill_mid_ramp_then_resume_equals_uninterrupted(uninterrupted, an4_root):
+@pytest.mark.faults
+def test_sigkill_mid_ramp_then_resume_equals_uninterrupted(uninterrupted, an4_root, fault_table):
     base, reference = uninterrupted
     out = base / "killed"
     killed = _run(out, base / "cache", an4_root, kill="after")
@@ -32,9 +33,11 @@ def test_sigkill_mid_ramp_then_resume_equals_uninterrupted(uninterrupted, an4_ro
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {out / 'checkpoints'}" in resumed.stdout
     _assert_same(_final_state(out), reference)
+    fault_table("SIGKILL mid-ramp, after a checkpoint", 1, 1, 0, 0)
 
 
-def test_kill_while_writing_resumes_from_previous_checkpoint(uninterrupted, an4_root, caplog):
+@pytest.mark.faults
+def test_kill_while_writing_resumes_from_previous_checkpoint(uninterrupted, an4_root, caplog, fault_table):
     base, reference = uninterrupted
     out = base / "torn"
     killed = _run(out, base / "cache", an4_root, kill="during")
@@ -47,6 +50,7 @@ def test_kill_while_writing_resumes_from_previous_checkpoint(uninterrupted, an4_
     assert f"ckpt-{KILL_STEP - 2:08d}.pt" in resumed.stdout  # the previous checkpoint
     assert "never finished" in resumed.stdout + resumed.stderr  # the stale temp file was reported
     _assert_same(_final_state(out), reference)
+    fault_table("SIGKILL while writing a training checkpoint", 1, 1, 0, 0)
 
 
 def test_truncated_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
