@@ -43,7 +43,7 @@ from .schedules import Cubic, Linear, OneShot, Schedule
 log = logging.getLogger("csprune")
 
 __all__ = ["PruneConfig", "build_method", "build_schedule", "build_pruner", "validate_prune_config", "fit", "warmup_cosine",
-           "seed_everything", "shard_seed", "launch", "method_label", "progress", "write_json", "is_tty"]
+           "seed_everything", "shard_seed", "launch", "calibrate", "method_label", "progress", "write_json", "is_tty"]
 
 
 @dataclasses.dataclass
@@ -64,7 +64,8 @@ class PruneConfig:
     targets: Optional[List[str]] = None  # fqn globs; None: the recipe's default for the model
     exclude: List[str] = dataclasses.field(default_factory=list)
     sensing: str = "activations"  # csp: activations | gaussian | identity
-    solver: str = "omp"  # csp: omp | fista | cvxpy | sklearn
+    solver: str = "omp"  # csp: omp | obs | fista | cvxpy | sklearn
+    safeguard: bool = True  # csp: per row, keep the refit top-|w| or saliency support where it beats the solver's
     damping: float = 0.01  # δ of G + δ·mean(diag G)·I
     gaussian_ratio: float = 0.5  # ρ = m/n of gaussian sensing
     train_l1: float = 0.0  # csp: λ_train of the annealed ℓ1 penalty (0: off)
@@ -72,10 +73,12 @@ class PruneConfig:
     refit: bool = False  # magnitude/wanda: least-squares refit of kept weights
     seed: int = 0  # random: mask seed
     stats_steps: int = 8  # batches observed before each mask update
-    calib_batches: int = 8  # one-shot: training batches (no augmentation) observed before pruning
+    calib_batches: int = 8  # one-shot: training batches observed before pruning
+    calib_mode: str = "eval"  # one-shot statistics: eval (clean batches, model.eval()) | train (augmented, dropout on, BatchNorm frozen)
     regrow: bool = False  # allow pruned weights back at later updates
     finetune_epochs: int = 4  # fine-tuning after pruning (same for every method: a fair budget)
     finetune_lr: float = 5e-4  # a quarter of the dense peak LR, cosine-decayed
+    finetune_warmup_steps: int = 0  # linear LR warm-up at the start of fine-tuning (same for every method)
     values_dtype: str = "float32"  # exported values: float32 | float16 | bfloat16 | int8
     max_gram_bytes: Optional[int] = None  # cap on one layer's Gram (8·n² bytes); larger layers use column blocks. None: exact
 
@@ -92,6 +95,7 @@ def build_method(p: Mapping[str, Any]) -> Method:
             gaussian_ratio=p.get("gaussian_ratio", 0.5),
             train_l1=p.get("train_l1", 0.0),
             solver_options=dict(p.get("solver_options") or {}),
+            safeguard=p.get("safeguard", True),
         )
     if name in ("magnitude", "gmp"):
         return Magnitude(refit=p.get("refit", False), damping=p.get("damping", 0.01))
@@ -144,6 +148,39 @@ def method_label(method: str, schedule: str) -> str:
     return method if schedule == CONVENTIONAL_SCHEDULE.get(method, "oneshot") else f"{method}-{schedule}"
 
 
+def calibrate(pruner: Pruner, model: torch.nn.Module, batches, forward: Callable[[Any], Any], mode: str = "eval") -> int:
+    """Observe calibration batches for a one-shot pruning step (both recipes).
+
+    Args:
+        pruner: its statistics hooks are switched on for these forwards only.
+        model: the model (its train/eval mode is set here and left in eval mode).
+        batches: iterable of batches ``forward`` takes.
+        forward: ``forward(batch)`` runs the model on one batch (no gradient is taken).
+        mode: "eval": ``model.eval()`` (what inference sees); "train": dropout on as in fine-tuning,
+            BatchNorm frozen at its running statistics (so the layer inputs are those of the model
+            being fine-tuned, not of a batch-statistics variant).
+
+    Returns:
+        the number of batches observed.
+    """
+    if pruner.stats is None:
+        return 0
+    model.train(mode == "train")
+    if mode == "train":
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    pruner.stats.enabled = True
+    count = 0
+    with torch.no_grad():
+        for batch in batches:
+            forward(batch)
+            count += 1
+    pruner.stats.enabled = False
+    model.eval()
+    return count
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch."""
     random.seed(seed)
@@ -179,6 +216,7 @@ def validate_prune_config(p: Mapping[str, Any], prefix: str = "prune") -> None:
         "sensing": SENSINGS,
         "solver": SOLVERS,
         "values_dtype": ("float32", "float16", "bfloat16", "int8"),
+        "calib_mode": ("eval", "train"),
     }
     for key, allowed in choices.items():
         if key in p and p[key] not in allowed:

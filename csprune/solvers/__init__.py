@@ -8,7 +8,9 @@ For every row i of ``xy`` at once (batched, on the tensors' device, float32 or f
 ``G_i`` is ``gram`` ([n, n]) or ``gram[j]`` for the j-th of g contiguous equal row groups ([g, n, n]).
 In pruning xy_i = G·w_i; in compressed sensing gram = ΦᵀΦ and xy = Φᵀy.
 
-Solvers (``SOLVERS``): ``omp`` (default; l0 form), ``fista`` (l1 form; with k, λ is bisected per row
+Solvers (``SOLVERS``): ``omp`` (default; l0 form, forward greedy), ``obs`` (l0 form, backward
+elimination from the allowed support with exact optimal-brain-surgeon downdates: the fast form for
+gradual steps, whose cost grows with the atoms removed), ``fista`` (l1 form; with k, λ is bisected per row
 so the support has at most k_i non-zeros), ``cvxpy`` (exact per-row l1 reference), ``sklearn``
 (``orthogonal_mp_gram`` for k, ``Lasso`` for lam). ``refit`` solves least squares on a support.
 
@@ -25,14 +27,16 @@ from torch import Tensor
 
 from csprune.solvers._common import SOLVERS, SolverResult, check_budget, check_options, check_problem, row_groups
 from csprune.solvers.fista import FISTA, fista_gram
+from csprune.solvers.obs import OBS, obs_gram
 from csprune.solvers.omp import OMP, omp_gram
 from csprune.solvers.refit import refit
 
 # Solvers that take ``allowed`` natively (the references solve the unrestricted problem only).
-ALLOWED_SOLVERS = ("omp", "fista")
+ALLOWED_SOLVERS = ("omp", "obs", "fista")
 _L1_OPTIONS = ("reweight_rounds", "reweight_eps", "lam_init", "bisect_steps", "bisect_rtol", "tol")
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "omp": ("atoms_per_iter", "pool_size", "refine_iters", "row_chunk"),
+    "obs": ("rounds", "row_chunk", "start"),
     "fista": _L1_OPTIONS + ("max_iter", "check_every", "power_iters"),
     "cvxpy": _L1_OPTIONS + ("solver_order",),
     "sklearn": _L1_OPTIONS + ("method", "lasso_tol", "max_iter"),
@@ -81,6 +85,10 @@ def solve(
         if k_t is None:
             raise ValueError("solver='omp' solves the l0 form: pass k (the budget), not lam")
         return omp_gram(gram3, xy, k_t, groups, allowed=allowed_t, **options)
+    if solver == "obs":
+        if k_t is None:
+            raise ValueError("solver='obs' solves the l0 form: pass k (the budget), not lam")
+        return obs_gram(gram3, xy, k_t, groups, allowed=allowed_t, **options)
     if solver == "fista":
         return fista_gram(gram3, xy, groups, k=k_t, lam=lam_t, allowed=allowed_t, **options)
     from csprune.solvers.reference import cvxpy_gram, sklearn_gram
@@ -125,4 +133,4 @@ def _check_allowed(allowed: Any, solver: str, xy: Tensor, k: Tensor | None) -> T
     return allowed_t
 
 
-__all__ = ["ALLOWED_SOLVERS", "FISTA", "OMP", "SOLVERS", "SolverResult", "fista_gram", "omp_gram", "refit", "solve"]
+__all__ = ["ALLOWED_SOLVERS", "FISTA", "OBS", "OMP", "SOLVERS", "obs_gram", "SolverResult", "fista_gram", "omp_gram", "refit", "solve"]

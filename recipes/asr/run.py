@@ -30,7 +30,7 @@ from csprune.distributed import check_weights_agree, init_distributed, wrap_ddp
 from csprune.an4 import read_audio
 from csprune.checkpoint import check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
 from csprune.progress import progress
-from csprune.recipe import build_pruner, fit, launch, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
+from csprune.recipe import build_pruner, calibrate, fit, launch, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
 from recipes.asr.config import register_configs
 from recipes.asr.data import ASRBatch, AN4Dataset, LengthBucketBatchSampler, collate_asr, default_an4_root, read_an4_split
 from recipes.asr.features import FbankConfig, FeatureCache, GlobalCMVN, SpecAugment, compute_fbank
@@ -112,6 +112,12 @@ class Data:
         sampler = LengthBucketBatchSampler(self.train_plain.num_frames, self.batch_size, shuffle=True, seed=self.seed + 1)
         out = [self._shard(collate_asr([self.train_plain[i] for i in idx])) for idx in self._global_batches(sampler)[:count]]
         return [part for b in out for part, _ in b] if self.world * self.micro > 1 else out
+
+    def augmented_batches(self, count: int):
+        """``count`` SpecAugment'd training batches (one-shot calibration in train mode), all rows of each
+        global batch on every rank (the statistics are all-reduced; no shard weights needed)."""
+        sampler = LengthBucketBatchSampler(self.train.num_frames, self.batch_size, shuffle=True, seed=self.seed + 1)
+        return [collate_asr([self.train[i] for i in idx]) for idx in self._global_batches(sampler)[:count]]
 
     def test_batches(self):
         sampler = LengthBucketBatchSampler(self.test.num_frames, self.eval_batch_size, shuffle=False)
@@ -293,7 +299,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ft_steps = p["finetune_epochs"] * data.steps_per_epoch
         if tc.max_steps is not None:
             ft_steps = min(ft_steps, tc.max_steps)
-        sched = warmup_cosine(opt, 0, ft_steps)
+        sched = warmup_cosine(opt, p["finetune_warmup_steps"], ft_steps)
         pruner = build_pruner(model, p, opt, 0, data.steps_per_epoch, DEFAULT_TARGETS.get(model_cfg["name"]))
         progress, ft_before = None, 0.0
         if state is not None and state["stage"] == "finetune":
@@ -305,13 +311,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             progress, ft_before = state["progress"], state["finetune_seconds"]
         t0 = time.perf_counter() - ft_before
         if p["schedule"] == "oneshot" and progress is None:
-            if pruner.stats is not None:  # observe clean training batches, then prune once
-                pruner.stats.enabled = True
-                model.eval()
-                with torch.no_grad():
-                    for batch in data.calib_batches(p["calib_batches"]):
-                        model(*batch.to(device).inputs())
-                pruner.stats.enabled = False
+            calib = data.calib_batches(p["calib_batches"]) if p["calib_mode"] == "eval" else data.augmented_batches(p["calib_batches"])
+            calibrate(pruner, model, calib, lambda batch: model(*batch.to(device).inputs()), p["calib_mode"])
             report = pruner.prune_to(p["sparsity"])
             if writer is not None:
                 tblog.log_pruning(writer, pruner, report, step)

@@ -33,7 +33,7 @@ from csprune.an4 import AN4_SAMPLE_RATE, default_an4_root, read_an4_split, read_
 from csprune.checkpoint import load_checkpoint, save_checkpoint
 from csprune.distributed import check_weights_agree, init_distributed, wrap_ddp
 from csprune.progress import progress
-from csprune.recipe import build_pruner, fit, launch, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
+from csprune.recipe import build_pruner, calibrate, fit, launch, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
 from recipes.codec.codec import CodedUtterance, SpeechCodec
 from recipes.codec.config import register_configs
 from recipes.codec.data import FrameBank, load_utterance
@@ -318,15 +318,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         pruner = build_pruner(codec.model, p, opt, 0, per_epoch, DEFAULT_TARGETS)
         t0 = time.perf_counter()
         if p["schedule"] == "oneshot":
-            if pruner.stats is not None:  # observe clean training frames (hard-quantized, as at inference), then prune
-                pruner.stats.enabled = True
-                codec.model.eval()
-                calib = torch.Generator().manual_seed(cfg.seed + 1)
-                with torch.no_grad():
-                    for _ in range(p["calib_batches"]):
-                        frames = bank.frames[torch.randint(len(bank), (d.batch_size,), generator=calib)].to(device)
-                        codec.model(codec.training_view(frames)["input"], hard=True)
-                pruner.stats.enabled = False
+            calib = torch.Generator().manual_seed(cfg.seed + 1)  # clean training frames, hard-quantized as at inference
+            frames = [bank.frames[torch.randint(len(bank), (d.batch_size,), generator=calib)] for _ in range(p["calib_batches"])]
+            calibrate(pruner, codec.model, frames,
+                      lambda f: codec.model(codec.training_view(f.to(device))["input"], hard=True), p["calib_mode"])
             report = pruner.prune_to(p["sparsity"])
             if main_rank:
                 tblog.log_pruning(writer, pruner, report, step)
