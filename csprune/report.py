@@ -3,7 +3,8 @@
 A *run folder* holds ``metrics.json`` (written by a recipe at the end of a run) or
 at least Hydra's ``.hydra/`` (a run that started); the latter is reported as
 incomplete instead of failing the report. Runs are grouped by method and
-sparsity; seeds of the same cell are averaged (mean ± std).
+sparsity; seeds of the same cell are averaged: mean ± sample standard deviation
+(n − 1), in the table and as error bars on the plot.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import mean, pstdev
+from statistics import mean, stdev
 from typing import Any, Sequence
 
-__all__ = ["find_runs", "build_report", "write_report", "Report", "METRICS"]
+__all__ = ["find_runs", "build_report", "write_report", "series", "Report", "METRICS"]
 
 # metric key -> (label on the plot, scale for display, lower is better)
 METRICS = {
@@ -70,7 +71,7 @@ def _fmt(values: list[float], scale: float) -> str:
         return "—"
     m = mean(values) * scale
     if len(values) > 1:
-        return f"{m:.2f} ± {pstdev(values) * scale:.2f}"
+        return f"{m:.2f} ± {stdev(values) * scale:.2f}"
     return f"{m:.2f}"
 
 
@@ -115,6 +116,25 @@ def build_report(folders: Sequence[str | os.PathLike]) -> Report:
     return Report(runs, incomplete, primary, "\n".join(lines) + "\n", cells)
 
 
+def series(report: Report) -> dict[str, tuple[list[float], list[float], list[float], list[float]]]:
+    """Per method, sorted by sparsity: (sparsities, mean primary metric, its sample std over seeds
+    (0 for a single run), mean checkpoint KiB), the primary metric in display units."""
+    _, scale, _ = METRICS.get(report.primary, (report.primary, 1.0, True))
+    out = {}
+    for method in sorted({m for m, _ in report.cells}):
+        pts = sorted((s, rs) for (m, s), rs in report.cells.items() if m == method)
+        xs, ys, errs, sizes = [], [], [], []
+        for s, rs in pts:
+            vals = [r[report.primary] for r in rs if isinstance(r.get(report.primary), (int, float))]
+            xs.append(s)
+            ys.append(mean(vals) * scale if vals else float("nan"))
+            errs.append(stdev(vals) * scale if len(vals) > 1 else 0.0)
+            kib = [r["checkpoint_bytes"] / 1024 for r in rs if "checkpoint_bytes" in r]
+            sizes.append(mean(kib) if kib else float("nan"))
+        out[method] = (xs, ys, errs, sizes)
+    return out
+
+
 def plot_report(report: Report, path: str | os.PathLike) -> Path:
     """Two panels: the primary metric vs sparsity (dense dashed) and checkpoint size vs sparsity."""
     import matplotlib
@@ -124,14 +144,9 @@ def plot_report(report: Report, path: str | os.PathLike) -> Path:
 
     label, scale, _ = METRICS.get(report.primary, (report.primary, 1.0, True))
     fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
-    methods = sorted({m for m, _ in report.cells})
     markers = "osD^vP*X"
-    for i, method in enumerate(methods):
-        pts = sorted((s, rs) for (m, s), rs in report.cells.items() if m == method)
-        xs = [s for s, _ in pts]
-        ys = [mean([r[report.primary] for r in rs if report.primary in r] or [float("nan")]) * scale for _, rs in pts]
-        sizes = [mean([r["checkpoint_bytes"] for r in rs if "checkpoint_bytes" in r] or [float("nan")]) / 1024 for _, rs in pts]
-        ax_m.plot(xs, ys, marker=markers[i % len(markers)], label=method)
+    for i, (method, (xs, ys, errs, sizes)) in enumerate(series(report).items()):
+        ax_m.errorbar(xs, ys, yerr=errs, marker=markers[i % len(markers)], capsize=4, label=method)
         ax_s.plot(xs, sizes, marker=markers[i % len(markers)], label=method)
     dense = [r[f"dense_{report.primary}"] for r in report.runs if isinstance(r.get(f"dense_{report.primary}"), (int, float))]
     if dense:

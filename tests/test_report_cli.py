@@ -48,7 +48,19 @@ def test_report_merges_several_sweeps_and_averages_seeds(tmp_path):
     _run(tmp_path / "b" / "0", "csp", 0.9, 0.50, 900, seed=1)
     assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "r")]) == 0
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "| csp | 0.90 | 2 | 45.00 ± 5.00 |" in md
+    assert "| csp | 0.90 | 2 | 45.00 ± 7.07 |" in md  # sample std of {40, 50}: sqrt(50)
+
+
+def test_report_error_bars_are_the_seed_std_of_each_cell(tmp_path):
+    from csprune.report import build_report, series
+
+    for seed, wer in enumerate((0.40, 0.50, 0.45)):
+        _run(tmp_path / f"s{seed}", "csp", 0.9, wer, 900, seed=seed)
+    _run(tmp_path / "single", "csp", 0.5, 0.30, 2000)
+    xs, ys, errs, sizes = series(build_report([tmp_path]))["csp"]
+    assert xs == [0.5, 0.9] and ys[0] == pytest.approx(30.0) and ys[1] == pytest.approx(45.0)
+    assert errs == [0.0, pytest.approx(5.0)]  # one run: no bar; {40, 50, 45}: sample std 5
+    assert sizes[1] == pytest.approx(900 / 1024)
 
 
 def test_report_on_nothing_is_one_line_error(tmp_path):
