@@ -1,4 +1,4 @@
-"""Solver benchmark: our default solver vs scikit-learn's ``orthogonal_mp_gram`` and cvxpy.
+"""Solver benchmark: our l0 solvers (omp, obs) vs scikit-learn's ``orthogonal_mp_gram`` and cvxpy.
 
 One layer-sized problem (default 1024×1024): G = XᵀX/N + 0.01·mean(diag)·I from correlated inputs X
 (a decaying spectrum, or AN4 fbank features with context when ``AN4_ROOT`` is set and ``--an4`` is
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--an4", action="store_true", help="AN4 fbank features from $AN4_ROOT instead of synthetic X")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--solvers", nargs="+", default=["omp", "obs"], help="our solvers, each timed against sklearn")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,17 +107,13 @@ def main() -> None:
           f"on {os.cpu_count()} cores (timings are noisy when the load exceeds the cores)")
     print(f"sklearn on {sk_rows}/{rows} rows" + (" (time extrapolated linearly)" if sk_rows < rows else "")
           + f"; cvxpy (l1, λ bisected to k, then top-k + refit) on {cv_rows} rows, time extrapolated")
-    header = (f"{'sparsity':>8} {'k':>5} {'ours s':>8} {'sklearn s':>10} {'speedup':>8} {'err ours':>10} "
+    header = (f"{'solver':>6} {'sparsity':>8} {'k':>5} {'ours s':>8} {'sklearn s':>10} {'speedup':>8} {'err ours':>10} "
               f"{'err sklearn':>11} {'err ratio':>9} {'cvxpy s':>9} {'err cvxpy':>10} {'variant':>12}")
     print(header)
     diag_scale = gram.diagonal().sqrt()
     gram_unit = gram / diag_scale[:, None] / diag_scale[None, :]
     for s in args.sparsity:
         k = n - round(s * n)
-        res, t_ours = timed(lambda: solve(gram.to(dtype), xy.to(dtype), k=k))
-        theta = res.coef.double()
-        err_ours_sub = output_error(gram, w[:sk_rows], theta[:sk_rows])
-        err_ours = output_error(gram, w, theta)
         from sklearn.linear_model import orthogonal_mp_gram
 
         xy_unit = (xy[:sk_rows] / diag_scale).numpy().T
@@ -124,19 +121,32 @@ def main() -> None:
         theta_sk = torch.from_numpy(np.asarray(sk).reshape(n, -1).T) / diag_scale
         err_sk = output_error(gram, w[:sk_rows], theta_sk)
         t_sk_full = t_sk * rows / sk_rows
-        cv_time, cv_err = float("nan"), float("nan")
-        if cv_rows:
-            cv, t_cv = timed(lambda: solve(gram, xy[:cv_rows], k=k, solver="cvxpy", bisect_steps=8, bisect_rtol=1e-2))
-            top = torch.zeros_like(cv.coef, dtype=torch.bool)
-            top.scatter_(1, cv.coef.abs().topk(k, dim=1).indices, True)
-            cv_theta = refit(gram, xy[:cv_rows], top)
-            cv_time = t_cv * rows / cv_rows
-            cv_err = output_error(gram, w[:cv_rows], cv_theta) / max(output_error(gram, w[:cv_rows], theta[:cv_rows]), 1e-300)
-        variant = f"a={res.info['atoms_per_iter']},p={res.info['pool_size']},r={res.info['refine_iters_run']}"
-        print(f"{s:>8.2f} {k:>5d} {t_ours:>8.2f} {t_sk_full:>10.2f} {t_sk_full / t_ours:>7.1f}x {err_ours:>10.5f} "
-              f"{err_sk:>11.5f} {err_ours_sub / err_sk:>9.4f} {cv_time:>9.1f} {cv_err:>10.3f} {variant:>12}")
+        for solver in args.solvers:
+            res, t_ours = timed(lambda: solve(gram.to(dtype), xy.to(dtype), k=k, solver=solver))
+            report_row(solver, s, k, res, t_ours, t_sk_full, err_sk, gram, w, xy, sk_rows, cv_rows, rows)
     print("err ratio = ours / sklearn on the same rows; err cvxpy = cvxpy-l1+refit error / ours on its rows; "
           "speedup = sklearn time (all rows) / ours.")
+
+
+def report_row(solver, s, k, res, t_ours, t_sk_full, err_sk, gram, w, xy, sk_rows, cv_rows, rows) -> None:
+    """Print one solver's row: time, error, and the sklearn / cvxpy comparisons."""
+    theta = res.coef.double()
+    err_ours_sub = output_error(gram, w[:sk_rows], theta[:sk_rows])
+    err_ours = output_error(gram, w, theta)
+    cv_time, cv_err = float("nan"), float("nan")
+    if cv_rows:
+        cv, t_cv = timed(lambda: solve(gram, xy[:cv_rows], k=k, solver="cvxpy", bisect_steps=8, bisect_rtol=1e-2))
+        top = torch.zeros_like(cv.coef, dtype=torch.bool)
+        top.scatter_(1, cv.coef.abs().topk(k, dim=1).indices, True)
+        cv_theta = refit(gram, xy[:cv_rows], top)
+        cv_time = t_cv * rows / cv_rows
+        cv_err = output_error(gram, w[:cv_rows], cv_theta) / max(output_error(gram, w[:cv_rows], theta[:cv_rows]), 1e-300)
+    if res.solver == "obs":
+        variant = f"rounds={res.info['rounds']},{res.info['start']}"
+    else:
+        variant = f"a={res.info['atoms_per_iter']},p={res.info['pool_size']},r={res.info['refine_iters_run']}"
+    print(f"{solver:>6} {s:>8.2f} {k:>5d} {t_ours:>8.2f} {t_sk_full:>10.2f} {t_sk_full / t_ours:>7.1f}x {err_ours:>10.5f} "
+          f"{err_sk:>11.5f} {err_ours_sub / err_sk:>9.4f} {cv_time:>9.1f} {cv_err:>10.3f} {variant:>12}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ In pruning xy_i = G·w_i; in compressed sensing gram = ΦᵀΦ and xy = Φᵀy.
 
 Solvers (``SOLVERS``): ``omp`` (default; l0 form, forward greedy), ``obs`` (l0 form, backward
 elimination from the allowed support with exact optimal-brain-surgeon downdates: the fast form for
-gradual steps, whose cost grows with the atoms removed), ``fista`` (l1 form; with k, λ is bisected per row
+gradual steps, whose cost grows with the atoms removed), ``sparsegpt`` (l0 form, sequential OBS
+with one shared inverse of G per group, O(n³ + o·n²): the fast form for in-training updates; values
+are compensated, not refit), ``fista`` (l1 form; with k, λ is bisected per row
 so the support has at most k_i non-zeros), ``cvxpy`` (exact per-row l1 reference), ``sklearn``
 (``orthogonal_mp_gram`` for k, ``Lasso`` for lam). ``refit`` solves least squares on a support.
 
@@ -29,14 +31,16 @@ from csprune.solvers._common import SOLVERS, SolverResult, check_budget, check_o
 from csprune.solvers.fista import FISTA, fista_gram
 from csprune.solvers.obs import OBS, obs_gram
 from csprune.solvers.omp import OMP, omp_gram
+from csprune.solvers.sparsegpt import SparseGPT, sparsegpt_gram
 from csprune.solvers.refit import refit
 
 # Solvers that take ``allowed`` natively (the references solve the unrestricted problem only).
-ALLOWED_SOLVERS = ("omp", "obs", "fista")
+ALLOWED_SOLVERS = ("omp", "obs", "sparsegpt", "fista")
 _L1_OPTIONS = ("reweight_rounds", "reweight_eps", "lam_init", "bisect_steps", "bisect_rtol", "tol")
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "omp": ("atoms_per_iter", "pool_size", "refine_iters", "row_chunk"),
     "obs": ("rounds", "row_chunk", "start"),
+    "sparsegpt": ("block",),
     "fista": _L1_OPTIONS + ("max_iter", "check_every", "power_iters"),
     "cvxpy": _L1_OPTIONS + ("solver_order",),
     "sklearn": _L1_OPTIONS + ("method", "lasso_tol", "max_iter"),
@@ -89,6 +93,10 @@ def solve(
         if k_t is None:
             raise ValueError("solver='obs' solves the l0 form: pass k (the budget), not lam")
         return obs_gram(gram3, xy, k_t, groups, allowed=allowed_t, **options)
+    if solver == "sparsegpt":
+        if k_t is None:
+            raise ValueError("solver='sparsegpt' solves the l0 form: pass k (the budget), not lam")
+        return sparsegpt_gram(gram3, xy, k_t, groups, allowed=allowed_t, **options)
     if solver == "fista":
         return fista_gram(gram3, xy, groups, k=k_t, lam=lam_t, allowed=allowed_t, **options)
     from csprune.solvers.reference import cvxpy_gram, sklearn_gram
@@ -133,4 +141,4 @@ def _check_allowed(allowed: Any, solver: str, xy: Tensor, k: Tensor | None) -> T
     return allowed_t
 
 
-__all__ = ["ALLOWED_SOLVERS", "FISTA", "OBS", "OMP", "SOLVERS", "obs_gram", "SolverResult", "fista_gram", "omp_gram", "refit", "solve"]
+__all__ = ["ALLOWED_SOLVERS", "FISTA", "OBS", "OMP", "SOLVERS", "SparseGPT", "obs_gram", "sparsegpt_gram", "SolverResult", "fista_gram", "omp_gram", "refit", "solve"]

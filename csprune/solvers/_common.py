@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-SOLVERS = ("omp", "obs", "fista", "cvxpy", "sklearn")
+SOLVERS = ("omp", "obs", "sparsegpt", "fista", "cvxpy", "sklearn")
 
 # Relative tolerance of the symmetry check: loose enough for fp32 Grams accumulated by hooks.
 _SYMMETRY_RTOL = 1e-3
