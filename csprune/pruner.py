@@ -152,7 +152,7 @@ class Pruner:
         if self.schedule.is_update(t):
             target_level = self._target_level(t)
             if target_level > self._level or (self.regrow and target_level != self._level):
-                report = self._prune(target_level)
+                report = self._prune(target_level, gradual=not isinstance(self.schedule, OneShot))
             if self.stats is not None:
                 self.stats.reset()
         self.enforce()
@@ -191,7 +191,7 @@ class Pruner:
         return report
 
     @torch.no_grad()
-    def _prune(self, level: float) -> dict:
+    def _prune(self, level: float, gradual: bool = False) -> dict:
         """Compute every new mask first, then apply them all (nothing changes on error).
 
         Applying a selection with new values also resets the optimizer's first moments of the kept
@@ -207,7 +207,8 @@ class Pruner:
                 raise FloatingPointError(f"weight {t.fqn} contains NaN/Inf; not pruning")
             allowed = torch.ones_like(w, dtype=torch.bool) if self.regrow else view.rows(M.get_mask(t.module, t.param_name))
             rows.append(w)
-            contexts.append(LayerContext(view, self.stats, self._step, allowed, self.pattern, self._method_state[t.fqn]))
+            contexts.append(LayerContext(view, self.stats, self._step, allowed, self.pattern, self._method_state[t.fqn],
+                                         gradual=gradual))
         if self.stats is not None and self.stats.mode is not None:
             self._sync_stats()
         scores = []

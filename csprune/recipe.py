@@ -64,8 +64,8 @@ class PruneConfig:
     targets: Optional[List[str]] = None  # fqn globs; None: the recipe's default for the model
     exclude: List[str] = dataclasses.field(default_factory=list)
     sensing: str = "activations"  # csp: activations | gaussian | identity
-    solver: str = "omp"  # csp: omp | obs | fista | cvxpy | sklearn
-    safeguard: bool = True  # csp: per row, keep the refit top-|w| or saliency support where it beats the solver's
+    solver: str = "auto"  # csp: auto (obs when an update removes <= what it keeps, else omp) | omp | obs | sparsegpt | fista | cvxpy | sklearn
+    safeguard: Any = "auto"  # csp: true | false | auto (on one-shot, off in gradual updates): fall back per row to refit top-|w|/saliency supports
     damping: float = 0.01  # δ of G + δ·mean(diag G)·I
     gaussian_ratio: float = 0.5  # ρ = m/n of gaussian sensing
     train_l1: float = 0.0  # csp: λ_train of the annealed ℓ1 penalty (0: off)
@@ -90,12 +90,12 @@ def build_method(p: Mapping[str, Any]) -> Method:
     if name == "csp":
         return CSP(
             sensing=p.get("sensing", "activations"),
-            solver=p.get("solver", "omp"),
+            solver=p.get("solver", "auto"),
             damping=p.get("damping", 0.01),
             gaussian_ratio=p.get("gaussian_ratio", 0.5),
             train_l1=p.get("train_l1", 0.0),
             solver_options=dict(p.get("solver_options") or {}),
-            safeguard=p.get("safeguard", True),
+            safeguard=p.get("safeguard", "auto"),
         )
     if name in ("magnitude", "gmp"):
         return Magnitude(refit=p.get("refit", False), damping=p.get("damping", 0.01))
@@ -214,7 +214,8 @@ def validate_prune_config(p: Mapping[str, Any], prefix: str = "prune") -> None:
         "schedule": ("oneshot", "cubic", "linear"),
         "scope": SCOPES,
         "sensing": SENSINGS,
-        "solver": SOLVERS,
+        "solver": SOLVERS + ("auto",),
+        "safeguard": (True, False, "auto"),
         "values_dtype": ("float32", "float16", "bfloat16", "int8"),
         "calib_mode": ("eval", "train"),
     }

@@ -54,6 +54,8 @@ class LayerContext:
         allowed: [o, n] bool, positions that may be kept (the previous mask unless regrowing).
         pattern: None for unstructured, (N, M) for N:M.
         state: per-target scratch the method may keep between pruning steps (e.g. warm starts).
+        gradual: True when this is one update of a gradual schedule (training continues after it and
+            more updates follow); False for a one-shot step.
     """
 
     target: Target
@@ -62,6 +64,7 @@ class LayerContext:
     allowed: torch.Tensor
     pattern: tuple[int, int] | None = None
     state: dict = field(default_factory=dict)
+    gradual: bool = False
 
 
 @dataclass

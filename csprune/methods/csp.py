@@ -35,15 +35,21 @@ class CSP(Method):
 
     Args:
         sensing: "activations" (Φ = the layer's inputs), "gaussian" or "identity".
-        solver: one of ``csprune.solvers.SOLVERS``.
+        solver: one of ``csprune.solvers.SOLVERS``, or "auto": per update, ``obs`` (backward
+            elimination, exact least squares) when it removes no more atoms than the rows keep —
+            every gradual step and one-shot up to 50% — else ``omp`` (forward selection of the few
+            atoms kept); each is the faster and, in bench/solvers.py, the lower-error one there.
         damping: δ in G + δ·mean(diag G)·I; 1% keeps G well conditioned without
             changing which weights matter (DESIGN §3 measurements used it).
         gaussian_ratio: ρ = m/n for gaussian sensing (0.5: half as many measurements as unknowns).
         train_l1: λ_train of ``Pruner.penalty()``: λ_train·Σ‖W‖₁ over targets, annealed to 0 by
             the end of the schedule (0: off, training is left alone).
-        solver_options: extra keyword arguments for ``csprune.solvers.solve``.
+        solver_options: extra keyword arguments for ``csprune.solvers.solve``; with solver "auto", a
+            dict per solver name (``{"omp": {...}, "obs": {...}}``).
         safeguard: per row, fall back to the refit top-|w| (or saliency) support when it has a lower
-            error than the solver's; greedy recovery is not optimal, and this costs two batched refits.
+            error than the solver's; greedy recovery is not optimal, and this costs two batched refits
+            (∝ k³ per row). "auto": on for one-shot steps, off for gradual updates, where the
+            training that follows matters more than the last refit and the update must stay cheap.
     """
 
     name = "csp"
@@ -51,17 +57,19 @@ class CSP(Method):
     def __init__(
         self,
         sensing: str = "activations",
-        solver: str = "omp",
+        solver: str = "auto",
         damping: float = 0.01,
         gaussian_ratio: float = 0.5,
         train_l1: float = 0.0,
         solver_options: dict | None = None,
-        safeguard: bool = True,
+        safeguard: bool | str = "auto",
     ):
         if sensing not in SENSINGS:
             raise ValueError(f"sensing={sensing!r}: expected one of {SENSINGS}")
-        if solver not in SOLVERS:
-            raise ValueError(f"solver={solver!r}: expected one of {SOLVERS}")
+        if solver not in SOLVERS + ("auto",):
+            raise ValueError(f"solver={solver!r}: expected auto or one of {SOLVERS}")
+        if safeguard not in (True, False, "auto"):
+            raise ValueError(f"safeguard={safeguard!r}: expected true, false or auto")
         if damping < 0:
             raise ValueError(f"damping={damping}: must be >= 0")
         if not 0 < gaussian_ratio:
@@ -95,17 +103,18 @@ class CSP(Method):
         ctx.state.pop("_gram", None)  # do not hold an n×n matrix per tensor between steps
         xy = grouped_xy(gram, rows)
         k_rows = keep.sum(1)
-        options = dict(self.solver_options)
-        if self.solver in ("fista", "cvxpy") and ctx.state.get("lam") is not None:
+        solver = self.solver_for(k_rows, ctx.allowed)
+        options = dict(self.solver_options.get(solver, {})) if self.solver == "auto" else dict(self.solver_options)
+        if solver in ("fista", "cvxpy") and ctx.state.get("lam") is not None:
             options.setdefault("lam_init", ctx.state["lam"])
         start = time.perf_counter()
-        result = solve(gram, xy, k=k_rows, solver=self.solver, allowed=ctx.allowed if self.solver in ALLOWED_SOLVERS else None, **options)
+        result = solve(gram, xy, k=k_rows, solver=solver, allowed=ctx.allowed if solver in ALLOWED_SOLVERS else None, **options)
         seconds = time.perf_counter() - start
         if result.lam is not None:
             ctx.state["lam"] = result.lam.detach()
         if not result.converged:
             log.warning("csprune: %s solver did not converge on %s (gap %.3g after %d iterations)",
-                        self.solver, ctx.target.fqn, result.gap, result.n_iter)
+                        solver, ctx.target.fqn, result.gap, result.n_iter)
         theta = result.coef.to(rows.dtype)
         # Support = largest |θ|; rows where θ has fewer non-zeros than the budget fill up by |w|.
         abs_theta, abs_w = theta.abs(), rows.abs()
@@ -120,7 +129,7 @@ class CSP(Method):
         # Safeguard (DESIGN §3: CSP must never lose to magnitude+refit): per row, keep whichever of the
         # solver's support, the top-|w| support and the saliency-ranked support has the lowest error.
         fallbacks = 0
-        if self.safeguard:
+        if self.safeguard is True or (self.safeguard == "auto" and not ctx.gradual):
             magnitude_key = abs_w.masked_fill(~ctx.allowed, -1.0)
             for cand in (nm_keep(magnitude_key, *ctx.pattern) if ctx.pattern else rank_keep(magnitude_key, k_rows), keep):
                 cand_values = refit(gram, xy, cand)
@@ -136,8 +145,18 @@ class CSP(Method):
             "rel_error": relative_error(gram, rows, values),
             "sensing": used,
             "safeguard_rows": float(fallbacks),
+            "solver": solver,
         }
         return Selection(mask, values, info)
+
+    def solver_for(self, k_rows: torch.Tensor, allowed: torch.Tensor) -> str:
+        """The solver of one update: ``self.solver``, or for "auto" obs when the rows remove at most as
+        many atoms as they keep (backward elimination does the removals), else omp (forward selection
+        does the keeps)."""
+        if self.solver != "auto":
+            return self.solver
+        removed = int((allowed.sum(1) - k_rows).sum())
+        return "obs" if removed <= int(k_rows.sum()) else "omp"
 
     def extra_repr(self):
         return f"sensing={self.sensing!r}, solver={self.solver!r}"
