@@ -48,7 +48,7 @@ def build_methods(names, damping):
             out[name] = Wanda()
         elif name.startswith("csp-"):
             solver, _, extra = name[4:].partition("+")
-            if solver not in SOLVERS:
+            if solver not in SOLVERS + ("auto",):
                 print(f"skipping {name}: this checkout has no solver {solver!r}", flush=True)
                 continue
             kwargs = {"solver": solver, "damping": damping}
