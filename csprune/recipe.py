@@ -143,9 +143,12 @@ def build_pruner(model: torch.nn.Module, p: Mapping[str, Any], optimizer: torch.
 CONVENTIONAL_SCHEDULE = {"gmp": "cubic"}
 
 
-def method_label(method: str, schedule: str) -> str:
-    """Report label: "csp", "gmp", or e.g. "csp-cubic" for a method run on a non-default schedule."""
-    return method if schedule == CONVENTIONAL_SCHEDULE.get(method, "oneshot") else f"{method}-{schedule}"
+def method_label(p: Mapping[str, Any]) -> str:
+    """Report label of a prune config: "csp", "gmp", "wanda+refit", or e.g. "csp-cubic" for a method run
+    on a schedule other than its conventional one."""
+    method, schedule = p["method"], p.get("schedule", "oneshot")
+    name = f"{method}+refit" if p.get("refit") and method in ("magnitude", "wanda") else method
+    return name if schedule == CONVENTIONAL_SCHEDULE.get(method, "oneshot") else f"{name}-{schedule}"
 
 
 def calibrate(pruner: Pruner, model: torch.nn.Module, batches, forward: Callable[[Any], Any], mode: str = "eval") -> int:

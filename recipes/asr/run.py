@@ -333,7 +333,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics["finetune_seconds"] = time.perf_counter() - t0
         metrics["sparsity_actual"] = pruner.sparsity()["total"]
         metrics.update(method=p["method"], sparsity=p["sparsity"], schedule=p["schedule"],
-                       label=method_label(p["method"], p["schedule"]))
+                       label=method_label(p))
         if pruner.last_report:
             metrics.update(prune_stats_bytes=pruner.last_report.get("stats_bytes", 0),
                            prune_gram_bytes_peak=pruner.last_report.get("gram_bytes_peak", 0))

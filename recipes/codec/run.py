@@ -336,7 +336,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics["finetune_seconds"] = time.perf_counter() - t0
         metrics["sparsity_actual"] = pruner.sparsity()["total"]
         metrics.update(method=p["method"], sparsity=p["sparsity"], schedule=p["schedule"],
-                       label=method_label(p["method"], p["schedule"]))
+                       label=method_label(p))
         pruner.finalize()
     check_weights_agree(codec.model, world, on_disk=f"rank 0's dense.pt in {run_dir}")
     if not main_rank:

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The AN4 pruning experiments behind recipes/asr/RESULTS.md, stage by stage (issue #12).
+#
+#   scripts/asr_experiments.sh STAGE DENSE_PT OUT_DIR
+#
+# STAGE: tune  — fine-tuning LR / warm-up / ramp sweep at 0.7, seed 0, for every method
+#        main  — every method at 0.5 (seed 0) and 0.7 / 0.9 (seeds 0, 1, 2) with the tuned settings
+# Every run starts from the same DENSE_PT (init_from) and fine-tunes the same number of steps
+# (prune.finetune_epochs) with AdamW and the same warm-up + cosine schedule; two jobs run at once with
+# one thread each (hydra/launcher=local_parallel). Settings for `main` are read from the environment
+# (defaults: the values the tune stage chose, see RESULTS.md).
+set -euo pipefail
+stage=$1 dense=$2 out=$3
+PY=${PY:-.venv/bin/python}
+common=(recipes/asr/run.py -m hydra/launcher=local_parallel trainer.threads=1 "init_from=$dense")
+one() { echo "choice($1)"; }
+
+case "$stage" in
+tune)
+  "$PY" "${common[@]}" +prune=magnitude,csp "prune.sparsity=$(one 0.7)" "prune.finetune_lr=choice(2.5e-4,5e-4,1e-3)" \
+    "prune.finetune_warmup_steps=choice(0,30)" "hydra.sweep.dir=$out/tune_oneshot"
+  "$PY" "${common[@]}" +prune=gmp "prune.sparsity=$(one 0.7)" "prune.finetune_lr=choice(2.5e-4,5e-4,1e-3)" \
+    "prune.ramp_epochs=choice(1,2)" "prune.frequency=$(one 10)" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_gmp"
+  "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=$(one 0.7)" "prune.ramp_epochs=choice(1,2)" \
+    "prune.frequency=$(one 30)" "prune.stats_steps=$(one 4)" "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" \
+    "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_csp_cubic"
+  # The sparsity-inducing term in training: λ_train·Σ|W| (annealed to 0 over the ramp), gradual CSP.
+  "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=$(one 0.7)" "prune.ramp_epochs=$(one "${CSP_RAMP:-2}")" \
+    "prune.frequency=$(one 30)" "prune.stats_steps=$(one 4)" "prune.train_l1=choice(1e-6,1e-5)" \
+    "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_csp_l1"
+  ;;
+main)
+  for spec in "0.5 0" "0.7,0.9 0,1,2"; do
+    read -r sp seeds <<<"$spec"
+    "$PY" "${common[@]}" +prune=magnitude "prune.sparsity=choice($sp)" "seed=$seeds" \
+      "prune.finetune_lr=$(one "${MAG_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
+      "hydra.sweep.dir=$out/main_magnitude_$sp"
+    "$PY" "${common[@]}" +prune=wanda "prune.sparsity=choice($sp)" "seed=$seeds" "prune.refit=choice(false,true)" \
+      "prune.finetune_lr=$(one "${MAG_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
+      "hydra.sweep.dir=$out/main_wanda_$sp"
+    "$PY" "${common[@]}" +prune=gmp "prune.sparsity=choice($sp)" "seed=$seeds" "prune.ramp_epochs=$(one "${GMP_RAMP:-2}")" \
+      "prune.frequency=$(one 10)" "prune.finetune_lr=$(one "${GMP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
+      "hydra.sweep.dir=$out/main_gmp_$sp"
+    "$PY" "${common[@]}" +prune=csp "prune.sparsity=choice($sp)" "seed=$seeds" \
+      "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
+      "hydra.sweep.dir=$out/main_csp_$sp"
+    "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=choice($sp)" "seed=$seeds" \
+      "prune.ramp_epochs=$(one "${CSP_RAMP:-2}")" "prune.frequency=$(one 30)" "prune.stats_steps=$(one 4)" \
+      "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
+      "hydra.sweep.dir=$out/main_csp_cubic_$sp"
+  done
+  ;;
+*) echo "unknown stage $stage (tune | main)" >&2; exit 2 ;;
+esac
