@@ -14,6 +14,8 @@ with exact zeros (the same ``nn.Parameter`` object, so optimizers stay valid).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -33,14 +35,41 @@ class MaskParametrization(nn.Module):
 
     Non-persistent so that ``model.state_dict()`` holds only the weights; the masks
     travel in ``Pruner.state_dict()`` (one obvious place for each).
+
+    Once :func:`enforce_zeros` has zeroed the stored weight at the pruned positions
+    (``zeros_enforced``; any new mask clears it), the forward returns the stored weight
+    as it is — multiplying by the mask would only reproduce it — and a gradient hook on
+    the stored weight zeroes its gradient at the pruned positions instead, so gradient
+    norms (clipping), DDP's all-reduce and the optimizer see exactly what a masked forward
+    gives them, and the pruned weights stay exactly zero (a zero gradient and zero optimizer
+    state leave Adam, AdamW's decay and SGD momentum at zero). This takes the mask off the
+    forward and backward pass of every step (bench/overhead.py).
     """
 
     def __init__(self, mask: torch.Tensor):
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool), persistent=False)
+        self.zeros_enforced = False
+        self._hooked = None  # weakref to the tensor carrying our gradient hook (a deepcopy re-hooks its own)
+        self._hook = None
+
+    def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad.masked_fill(~self.mask, 0.0) if self.zeros_enforced else grad
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.zeros_enforced:
+            if weight.requires_grad and (self._hooked is None or self._hooked() is not weight):
+                self._hook = weight.register_hook(self._mask_grad)
+                self._hooked = weakref.ref(weight)
+            return weight
         return torch.where(self.mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))  # +0.0, never -0.0
+
+    def release(self) -> None:
+        """Remove the gradient hook (before the parametrization is squashed away)."""
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook, self._hooked = None, None
+        self.zeros_enforced = False  # the squash evaluates the forward once more: by the mask, without a new hook
 
 
 def _find(module: nn.Module, name: str) -> MaskParametrization | None:
@@ -58,6 +87,7 @@ def attach_mask(module: nn.Module, name: str, mask: torch.Tensor | None = None) 
     if existing is not None:
         if mask is not None:
             existing.mask.copy_(mask)
+            existing.zeros_enforced = False
         return existing
     weight = getattr(module, name)
     if mask is None:
@@ -85,6 +115,7 @@ def set_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     if mask.shape != p.mask.shape:
         raise ValueError(f"mask for {name}: shape {tuple(mask.shape)} != weight shape {tuple(p.mask.shape)}")
     p.mask.copy_(mask)
+    p.zeros_enforced = False  # the stored weight may be non-zero where the new mask prunes
 
 
 def original_param(module: nn.Module, name: str) -> nn.Parameter:
@@ -102,9 +133,13 @@ def enforce_zeros(module: nn.Module, name: str, optimizer: torch.optim.Optimizer
         optimizer: optimizer holding the original parameter; every state tensor shaped
             like the weight (momentum buffers, Adam moments) is zeroed where the mask is False.
     """
-    mask = get_mask(module, name)
+    param = _find(module, name)
+    if param is None:
+        raise KeyError(f"{type(module).__name__}.{name} has no csprune mask")
+    mask = param.mask
     original = original_param(module, name)
     original.masked_fill_(~mask, 0.0)  # +0.0: a -0.0 would cost a sign bit in the sparse export
+    param.zeros_enforced = True
     if optimizer is not None:
         state = optimizer.state.get(original)
         if state:
@@ -153,8 +188,10 @@ def reset_moments(module: nn.Module, name: str, changed: torch.Tensor, optimizer
 
 def squash_mask(module: nn.Module, name: str) -> None:
     """Remove the mask parametrization, leaving ``original * mask`` as a plain parameter."""
-    if _find(module, name) is None:
+    param = _find(module, name)
+    if param is None:
         return
+    param.release()
     parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     order = [k for k in getattr(module, "_csprune_param_order", []) if k in module._parameters]
     rest = [k for k in module._parameters if k not in order]
