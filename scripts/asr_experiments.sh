@@ -17,17 +17,17 @@ one() { echo "choice($1)"; }
 
 case "$stage" in
 tune)
+  # LR with the warm-up every method gets; plus CSP with the old protocol (5e-4, no warm-up) for defect 6.
   "$PY" "${common[@]}" +prune=magnitude,csp "prune.sparsity=$(one 0.7)" "prune.finetune_lr=choice(2.5e-4,5e-4,1e-3)" \
-    "prune.finetune_warmup_steps=choice(0,30)" "hydra.sweep.dir=$out/tune_oneshot"
+    "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_oneshot"
+  "$PY" "${common[@]}" +prune=csp "prune.sparsity=$(one 0.7)" "prune.finetune_lr=$(one 5e-4)" \
+    "prune.finetune_warmup_steps=$(one 0)" "hydra.sweep.dir=$out/tune_csp_nowarmup"
   "$PY" "${common[@]}" +prune=gmp "prune.sparsity=$(one 0.7)" "prune.finetune_lr=choice(2.5e-4,5e-4,1e-3)" \
-    "prune.ramp_epochs=choice(1,2)" "prune.frequency=$(one 10)" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_gmp"
-  "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=$(one 0.7)" "prune.ramp_epochs=choice(1,2)" \
-    "prune.frequency=$(one 30)" "prune.stats_steps=$(one 4)" "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" \
-    "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_csp_cubic"
-  # The sparsity-inducing term in training: λ_train·Σ|W| (annealed to 0 over the ramp), gradual CSP.
-  "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=$(one 0.7)" "prune.ramp_epochs=$(one "${CSP_RAMP:-2}")" \
-    "prune.frequency=$(one 30)" "prune.stats_steps=$(one 4)" "prune.train_l1=choice(1e-6,1e-5)" \
-    "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_csp_l1"
+    "prune.ramp_epochs=$(one 2)" "prune.frequency=$(one 10)" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_gmp"
+  # Gradual CSP, and the sparsity-inducing term in training (λ_train·Σ|W|, annealed to 0 over the ramp).
+  "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=$(one 0.7)" "prune.ramp_epochs=$(one 2)" \
+    "prune.frequency=$(one 30)" "prune.stats_steps=$(one 4)" "prune.train_l1=choice(0,1e-5)" \
+    "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_csp_cubic"
   ;;
 main)
   for spec in "0.5 0" "0.7,0.9 0,1,2"; do
