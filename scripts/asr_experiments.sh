@@ -12,7 +12,10 @@
 set -euo pipefail
 stage=$1 dense=$2 out=$3
 PY=${PY:-.venv/bin/python}
-common=(recipes/asr/run.py -m hydra/launcher=local_parallel trainer.threads=1 "init_from=$dense")
+# Fine-tuning budget: FT_EPOCHS epochs (120 steps at the default 2) for every method; gradual schedules ramp
+# over the first RAMP epochs of it.
+common=(recipes/asr/run.py -m hydra/launcher=local_parallel trainer.threads=1 "init_from=$dense"
+        "prune.finetune_epochs=choice(${FT_EPOCHS:-2})")
 one() { echo "choice($1)"; }
 
 case "$stage" in
@@ -23,10 +26,10 @@ tune)
   "$PY" "${common[@]}" +prune=csp "prune.sparsity=$(one 0.7)" "prune.finetune_lr=$(one 5e-4)" \
     "prune.finetune_warmup_steps=$(one 0)" "hydra.sweep.dir=$out/tune_csp_nowarmup"
   "$PY" "${common[@]}" +prune=gmp "prune.sparsity=$(one 0.7)" "prune.finetune_lr=choice(2.5e-4,5e-4,1e-3)" \
-    "prune.ramp_epochs=$(one 2)" "prune.frequency=$(one 10)" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_gmp"
+    "prune.ramp_epochs=$(one "${GMP_RAMP:-1}")" "prune.frequency=$(one 10)" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_gmp"
   # Gradual CSP, and the sparsity-inducing term in training (λ_train·Σ|W|, annealed to 0 over the ramp).
-  "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=$(one 0.7)" "prune.ramp_epochs=$(one 2)" \
-    "prune.frequency=$(one 30)" "prune.stats_steps=$(one 4)" "prune.train_l1=choice(0,1e-5)" \
+  "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=$(one 0.7)" "prune.ramp_epochs=$(one "${CSP_RAMP:-1}")" \
+    "prune.frequency=$(one 15)" "prune.stats_steps=$(one 4)" "prune.train_l1=choice(0,1e-5)" \
     "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_csp_cubic"
   ;;
 main)
@@ -38,14 +41,14 @@ main)
     "$PY" "${common[@]}" +prune=wanda "prune.sparsity=choice($sp)" "seed=$seeds" "prune.refit=choice(false,true)" \
       "prune.finetune_lr=$(one "${MAG_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
       "hydra.sweep.dir=$out/main_wanda_$sp"
-    "$PY" "${common[@]}" +prune=gmp "prune.sparsity=choice($sp)" "seed=$seeds" "prune.ramp_epochs=$(one "${GMP_RAMP:-2}")" \
+    "$PY" "${common[@]}" +prune=gmp "prune.sparsity=choice($sp)" "seed=$seeds" "prune.ramp_epochs=$(one "${GMP_RAMP:-1}")" \
       "prune.frequency=$(one 10)" "prune.finetune_lr=$(one "${GMP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
       "hydra.sweep.dir=$out/main_gmp_$sp"
     "$PY" "${common[@]}" +prune=csp "prune.sparsity=choice($sp)" "seed=$seeds" \
       "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
       "hydra.sweep.dir=$out/main_csp_$sp"
     "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=choice($sp)" "seed=$seeds" \
-      "prune.ramp_epochs=$(one "${CSP_RAMP:-2}")" "prune.frequency=$(one 30)" "prune.stats_steps=$(one 4)" \
+      "prune.ramp_epochs=$(one "${CSP_RAMP:-1}")" "prune.frequency=$(one 15)" "prune.stats_steps=$(one 4)" \
       "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
       "hydra.sweep.dir=$out/main_csp_cubic_$sp"
   done
