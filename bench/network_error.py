@@ -78,7 +78,7 @@ def main():
     from hydra import compose, initialize_config_dir
 
     import csprune
-    from csprune.checkpoint import load_checkpoint
+    from csprune.train.checkpoint import load_checkpoint
     from recipes.asr import run as asr
 
     repo = Path(asr.__file__).resolve().parents[2]

@@ -103,7 +103,7 @@ def add_export(subparsers: Any) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .train.report import write_report
 
     try:
         report = write_report(args.folders, args.out)

@@ -164,7 +164,7 @@ def test_prepare_without_network_names_path_env_and_url(tmp_path):
     with pytest.raises(AN4Error) as info:
         prepare_an4(root, url=url)
     message = str(info.value)
-    assert str(root) in message and AN4_ROOT_ENV in message and url in message and "python -m csprune.an4" in message
+    assert str(root) in message and AN4_ROOT_ENV in message and url in message and "python -m csprune.train.an4" in message
 
 
 def test_prepare_from_local_archive(tmp_path):

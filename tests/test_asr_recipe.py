@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 import csprune
+from csprune.train.config import build_pruner, validate_prune_config
 from recipes.asr import run as asr_run  # registers the structured configs
 
 from conftest import REPO, cfg_for
@@ -105,8 +106,8 @@ def test_every_config_option_composes_and_instantiates(model, trainer, prune):
     net = asr_run.make_model(container["model"], asr_run.CharVocab())
     assert sum(p.numel() for p in net.parameters()) > 0
     if prune:
-        csprune.recipe.validate_prune_config(container["prune"])
-        pruner = csprune.recipe.build_pruner(net, container["prune"], None, 0, 10, asr_run.DEFAULT_TARGETS[model])
+        validate_prune_config(container["prune"])
+        pruner = build_pruner(net, container["prune"], None, 0, 10, asr_run.DEFAULT_TARGETS[model])
         assert pruner.targets
         pruner.finalize()
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from csprune import Pruner
 from csprune.methods import CSP
-from csprune.recipe import calibrate
+from csprune.train.run import calibrate
 from csprune.schedules import OneShot
 
 

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from csprune.an4 import read_an4_split, read_audio
+from csprune.train.an4 import read_an4_split, read_audio
 from recipes.codec import run as codec_run  # registers the structured configs
 from recipes.codec.bitstream import BitstreamError, read_cmrl_header
 from recipes.codec.data import frame_signal, overlap_add, synthesis_window

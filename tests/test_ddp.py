@@ -121,7 +121,7 @@ def test_mask_mismatch_between_ranks_is_an_error():
 
 
 def _weights_worker(rank: int, world: int) -> None:
-    from csprune.distributed import check_weights_agree as _check_weights_agree
+    from csprune.train.ddp import check_weights_agree as _check_weights_agree
 
     model = _net()
     _check_weights_agree(model, world)  # identical: passes

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from _asr_runs import ARGS, FINAL_STEP, differs, final_state, run
-from csprune.checkpoint import CheckpointMismatch, latest_checkpoint
-from csprune.faults import PREEMPTED_EXIT_CODE, NonFiniteError
-from csprune.recipe import fit
+from csprune.train.checkpoint import CheckpointMismatch, latest_checkpoint
+from csprune.train.faults import PREEMPTED_EXIT_CODE, NonFiniteError
+from csprune.train.loop import FitConfig, fit
 
 pytestmark = pytest.mark.faults
 
@@ -79,7 +79,7 @@ def _tiny_fit(tmp_path, loss_fn, **kwargs):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     data = [torch.randn(5, 4) for _ in range(6)]
     saved = []
-    step = fit(model, lambda epoch: data, loss_fn, opt, None, 1, save=saved.append, save_every=2, **kwargs)
+    step = fit(model, lambda epoch: data, loss_fn, opt, None, FitConfig(epochs=1, save_every=2, **kwargs), save=saved.append)
     return model, step, saved
 
 
@@ -191,5 +191,6 @@ def test_sigterm_outside_training_is_not_swallowed():
     """The SIGTERM handler is installed only inside fit: afterwards the default action is back."""
     before = signal.getsignal(signal.SIGTERM)
     model = nn.Linear(2, 1)
-    fit(model, lambda e: [torch.ones(1, 2)], lambda m, x: m(x).sum(), torch.optim.SGD(model.parameters(), lr=0.1), None, 1)
+    fit(model, lambda e: [torch.ones(1, 2)], lambda m, x: m(x).sum(), torch.optim.SGD(model.parameters(), lr=0.1), None,
+        FitConfig(epochs=1))
     assert signal.getsignal(signal.SIGTERM) is before

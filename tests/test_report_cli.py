@@ -52,7 +52,7 @@ def test_report_merges_several_sweeps_and_averages_seeds(tmp_path):
 
 
 def test_report_error_bars_are_the_seed_std_of_each_cell(tmp_path):
-    from csprune.report import build_report, series
+    from csprune.train.report import build_report, series
 
     for seed, wer in enumerate((0.40, 0.50, 0.45)):
         _run(tmp_path / f"s{seed}", "csp", 0.9, wer, 900, seed=seed)

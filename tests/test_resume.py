@@ -13,7 +13,7 @@ import signal
 import pytest
 import torch
 
-from csprune.checkpoint import FORMAT, CheckpointMismatch, latest_checkpoint, load_checkpoint, save_checkpoint
+from csprune.train.checkpoint import FORMAT, CheckpointMismatch, latest_checkpoint, load_checkpoint, save_checkpoint
 
 from _asr_runs import ARGS, KILL_STEP, assert_same as _assert_same, final_state as _final_state, run as _run
 from conftest import cfg_for

@@ -82,7 +82,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
 from ..errors import CheckpointError
 from . import coding as mask_coding
 

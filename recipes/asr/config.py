@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from csprune.recipe import PruneConfig
+from csprune.train.config import PruneConfig
 
 
 @dataclass

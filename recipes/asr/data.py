@@ -1,6 +1,6 @@
 """AN4 for ASR: dataset of (features, tokens), collate and length-bucket batching.
 
-The corpus itself (reader, download, audio I/O) lives in ``csprune.an4``, shared with the codec
+The corpus itself (reader, download, audio I/O) lives in ``csprune.train.an4``, shared with the codec
 recipe; its names are re-exported here. Typical use::
 
     root = prepare_an4(default_an4_root())                   # no-op when the corpus is there
@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from csprune.an4 import (  # noqa: F401  (re-exported: the corpus API predates its move to csprune)
+from csprune.train.an4 import (  # noqa: F401  (re-exported: the corpus API predates its move to csprune)
     AN4_ROOT_ENV,
     AN4_SAMPLE_RATE,
     AN4_SHA256,

@@ -25,12 +25,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import csprune
-from csprune import tblog
-from csprune.distributed import check_weights_agree, init_distributed, wrap_ddp
-from csprune.an4 import read_audio
-from csprune.checkpoint import check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
+from csprune.train import tblog
+from csprune.train.ddp import check_weights_agree, init_distributed, wrap_ddp
+from csprune.train.an4 import read_audio
+from csprune.train.checkpoint import check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
 from csprune.progress import progress
-from csprune.recipe import build_pruner, calibrate, fit, launch, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
+from csprune.train.config import build_pruner, method_label, validate_prune_config
+from csprune.train.loop import fit, fit_config, warmup_cosine
+from csprune.train.run import calibrate, launch, seed_everything, write_json
 from recipes.asr.config import register_configs
 from recipes.asr.data import ASRBatch, AN4Dataset, LengthBucketBatchSampler, collate_asr, default_an4_root, read_an4_split
 from recipes.asr.features import FbankConfig, FeatureCache, GlobalCMVN, SpecAugment, compute_fbank
@@ -272,10 +274,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trained = wrap_ddp(model, world, device)
         save = saver("train", {"optimizer": opt.state_dict, "lr_scheduler": sched.state_dict,
                                "train_seconds": lambda: time.perf_counter() - t0})
-        step = fit(trained, data.train_batches, loss_fn, opt, sched, tc.epochs, writer=writer, step=step,
-                   max_steps=tc.max_steps, grad_clip=tc.grad_clip, log_every=tc.log_every, stage="train",
-                   save=save, save_every=tc.checkpoint_every, resume=progress, data_rng=data_rng, seed=cfg.seed,
-                   max_bad_steps=tc.max_bad_steps)
+        step = fit(trained, data.train_batches, loss_fn, opt, sched, fit_config(cfg, tc.epochs, "train"), writer=writer,
+                   step=step, save=save, resume=progress, data_rng=data_rng)
         train_seconds = time.perf_counter() - t0
         dense_metrics = evaluate(model, data.test_batches(), vocab, device)
         if main_rank:
@@ -326,10 +326,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                   "dense_metrics": dense_metrics, "train_seconds": train_seconds,
                                   "metrics": lambda: {k: v for k, v in metrics.items() if k.startswith("oneshot_")},
                                   "finetune_seconds": lambda: time.perf_counter() - t0})
-        step = fit(trained, data.train_batches, loss_fn, opt, sched, p["finetune_epochs"], pruner=pruner, writer=writer,
-                   step=step, max_steps=tc.max_steps, grad_clip=tc.grad_clip, log_every=tc.log_every, stage="finetune",
-                   save=save, save_every=tc.checkpoint_every, resume=progress, data_rng=data_rng, seed=cfg.seed,
-                   max_bad_steps=tc.max_bad_steps)
+        step = fit(trained, data.train_batches, loss_fn, opt, sched, fit_config(cfg, p["finetune_epochs"], "finetune"),
+                   pruner=pruner, writer=writer, step=step, save=save, resume=progress, data_rng=data_rng)
         metrics["finetune_seconds"] = time.perf_counter() - t0
         metrics["sparsity_actual"] = pruner.sparsity()["total"]
         metrics.update(method=p["method"], sparsity=p["sparsity"], schedule=p["schedule"],

@@ -70,7 +70,7 @@ from typing import Any
 
 import numpy as np
 
-from csprune.checkpoint import atomic_write
+from csprune.atomic import atomic_write
 from csprune.errors import CsPruneError
 
 __all__ = [

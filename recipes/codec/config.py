@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from csprune.recipe import PruneConfig
+from csprune.train.config import PruneConfig
 from recipes.codec.loss import LossConfig
 
 __all__ = ["CodecDataConfig", "CMRLConfig", "CodecTrainerConfig", "LPCConfig", "CodecConfig", "register_configs"]

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from csprune.an4 import Utterance, read_audio
+from csprune.train.an4 import Utterance, read_audio
 
 __all__ = ["FRAME_LEN", "OVERLAP", "synthesis_window", "num_frames", "frame_signal", "overlap_add",
            "load_utterance", "FrameBank"]

@@ -28,12 +28,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import csprune
-from csprune import tblog
-from csprune.an4 import AN4_SAMPLE_RATE, default_an4_root, read_an4_split, read_audio
-from csprune.checkpoint import load_checkpoint, save_checkpoint
-from csprune.distributed import check_weights_agree, init_distributed, wrap_ddp
+from csprune.train import tblog
+from csprune.train.an4 import AN4_SAMPLE_RATE, default_an4_root, read_an4_split, read_audio
+from csprune.train.checkpoint import load_checkpoint, save_checkpoint
+from csprune.train.ddp import check_weights_agree, init_distributed, wrap_ddp
 from csprune.progress import progress
-from csprune.recipe import build_pruner, calibrate, fit, launch, method_label, seed_everything, validate_prune_config, warmup_cosine, write_json
+from csprune.train.config import build_pruner, method_label, validate_prune_config
+from csprune.train.loop import fit, fit_config, warmup_cosine
+from csprune.train.run import calibrate, launch, seed_everything, write_json
 from recipes.codec.codec import CodedUtterance, SpeechCodec
 from recipes.codec.config import register_configs
 from recipes.codec.data import FrameBank, load_utterance
@@ -135,9 +137,8 @@ def train_stage(codec: SpeechCodec, bank: FrameBank, loss: CodecLoss, cfg: DictC
     device = next(codec.model.parameters()).device
     # find_unused_parameters: a greedy stage leaves the other modules without gradient.
     trained = wrap_ddp(codec.model, world, device, forward="model", find_unused_parameters=train_only is not None)
-    return fit(trained, batches, step_fn, opt, sched, epochs, pruner=pruner, writer=writer, step=step,
-               max_steps=tc.max_steps, grad_clip=tc.grad_clip, log_every=tc.log_every, stage=stage, seed=cfg.seed,
-               max_bad_steps=tc.max_bad_steps, on_step=loss.step_rate_control)
+    return fit(trained, batches, step_fn, opt, sched, fit_config(cfg, epochs, stage), pruner=pruner, writer=writer, step=step,
+               on_step=loss.step_rate_control)
 
 
 @torch.no_grad()

@@ -12,15 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
 
-from .errors import WriteError
+from ..atomic import atomic_write
 
-__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "check_compatible", "rng_state", "rng_state_full", "set_rng_state",
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "check_compatible", "rng_state", "rng_state_full", "set_rng_state",
            "FORMAT", "FORMAT_VERSION", "CheckpointMismatch",
            "compat_record", "find_resume"]
 
@@ -35,52 +34,6 @@ _TEMP_NAME = re.compile(r"^\..+\.tmp$")
 
 class CheckpointMismatch(ValueError):
     """A readable checkpoint that belongs to another model, config or format version (not skipped on resume)."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
-    """Create or replace ``path`` atomically: ``write(f)`` fills a temp file beside it, which is fsync'ed
-    and renamed over ``path`` (then the folder is fsync'ed). A crash leaves the old file or the new one,
-    never half a file; on an exception the temp file is removed. A failed write (full disk, ``ulimit -f``,
-    an I/O error) raises :class:`csprune.errors.WriteError` naming ``path``; other exceptions propagate."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        cause = _os_error(exc)
-        if cause is not None:
-            existed = "the previous file is intact" if path.exists() else "no file was created"
-            raise WriteError(path, f"could not be written ({os.strerror(cause.errno) if cause.errno else cause}); "
-                                   f"{existed}", errno=cause.errno) from exc
-        raise
-    return path
-
-
-def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError behind a failed write: itself, its cause, or the one torch.save's C++ writer reports as RuntimeError."""
-    import errno as errno_
-
-    while exc is not None:
-        if isinstance(exc, OSError):
-            return exc
-        text = str(exc)
-        if isinstance(exc, RuntimeError) and ("write" in text.lower() or "No space" in text or "File too large" in text):
-            code = errno_.ENOSPC if "No space" in text else errno_.EFBIG if "File too large" in text else None
-            return OSError(code, text.splitlines()[0][:200])
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike, keep_last: int | None = None) -> Path:

@@ -1,6 +1,6 @@
 """Faults the training loop detects and names: non-finite losses or gradients, and preemption (SIGTERM).
 
-``fit`` (csprune.recipe) uses these; they are also usable in a user's own loop:
+``fit`` (csprune.train.loop) uses these; they are also usable in a user's own loop:
 
     with PreemptionFlag() as preempt:
         for batch in loader:
@@ -30,7 +30,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .errors import CsPruneError
+from ..errors import CsPruneError
 
 __all__ = ["NonFiniteError", "Preempted", "PreemptionFlag", "nonfinite_terms", "first_nonfinite_grad", "PREEMPTED_EXIT_CODE"]
 

@@ -16,7 +16,7 @@ audio), checks its SHA-256, unpacks it and converts the audio to WAV, giving the
     train = read_an4_split(root, "train")        # list[Utterance]
     wave = read_audio(train[0].audio_path)       # [samples] float32 at 16 kHz
 
-``python -m csprune.an4 --root DIR`` does the download from the command line.
+``python -m csprune.train.an4 --root DIR`` does the download from the command line.
 """
 
 from __future__ import annotations
@@ -110,9 +110,9 @@ def _missing_corpus_message(root: Path, reason: str, url: str) -> str:
     return (
         f"AN4 corpus not found at '{root}' ({reason}). Point the environment variable {AN4_ROOT_ENV} "
         f"(or data.root) at an AN4 folder holding etc/an4_{{train,test}}.{{fileids,transcription}} and wav/, "
-        f"or fetch it with network access: `python -m csprune.an4 --root {root}` "
+        f"or fetch it with network access: `python -m csprune.train.an4 --root {root}` "
         f"(downloads {url}); offline, download that file elsewhere and run "
-        f"`python -m csprune.an4 --root {root} --archive an4_sphere.tar.gz`."
+        f"`python -m csprune.train.an4 --root {root} --archive an4_sphere.tar.gz`."
     )
 
 
