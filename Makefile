@@ -6,7 +6,7 @@ AN4_ROOT ?= data/an4
 export AN4_ROOT
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all faults bench install clean screenshots
+.PHONY: demo test test-all faults bench install clean screenshots docs
 
 # The stamp is newer than pyproject.toml once the install has succeeded, so a second run installs nothing.
 $(STAMP): pyproject.toml
@@ -38,7 +38,16 @@ bench: $(STAMP)
 	$(VPY) bench/overhead.py
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) outputs multirun .pytest_cache docs/api
+
+# API reference from the docstrings (Google style) into docs/api/; docs/design.md is the design itself.
+# pdoc follows a package's submodules only as far as its __all__ names them, so every public module it
+# would not reach from `csprune` is named here (private `_*` modules are left out).
+DOC_MODULES = $(shell $(VPY) -c 'import importlib, pkgutil, csprune; print(*[m.name for m in pkgutil.walk_packages(csprune.__path__, "csprune.") if not (n := m.name.rpartition(".")[2]).startswith("_") and n not in getattr(importlib.import_module(m.name.rpartition(".")[0]), "__all__", [n])])')
+
+docs: $(STAMP)
+	rm -rf docs/api
+	$(VPY) -m pdoc --docformat google -o docs/api csprune $(DOC_MODULES)
 
 # Screenshots for the README from a real run and sweep: make screenshots RUN=outputs/asr/<run> SWEEP=multirun/asr/<date>/<time>
 screenshots: $(STAMP)
