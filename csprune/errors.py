@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-__all__ = ["CsPruneError", "CheckpointError", "WriteError"]
+__all__ = ["CsPruneError", "ConfigError", "CheckpointError", "DataError", "WriteError"]
 
 
 class CsPruneError(Exception):
     """Base class of every error csprune raises on purpose."""
 
 
-class CheckpointError(CsPruneError):
+class ConfigError(CsPruneError, ValueError):
+    """A configuration value is out of range or names nothing known; the message names the key."""
+
+
+class DataError(CsPruneError, ValueError):
+    """Input data is missing or malformed (a corpus, an audio file); the message names the path."""
+
+
+class CheckpointError(CsPruneError, ValueError):
     """A sparse checkpoint is unreadable, corrupt, or does not match what it is loaded into.
 
     The message always names the file and, where one is involved, the tensor.

@@ -73,6 +73,7 @@ class Pruner:
         model: nn.Module,
         method: Method,
         schedule: Schedule,
+        *,
         targets: Sequence[TargetSpec] | None = None,
         exclude: Sequence[TargetSpec] | None = None,
         scope: str = "layer",
@@ -81,7 +82,7 @@ class Pruner:
         stats_steps: int = 8,
         regrow: bool = False,
         max_gram_bytes: int | None = None,
-    ):
+    ) -> None:
         if not isinstance(method, Method):
             raise TypeError(f"method: expected a csprune.methods.Method, got {type(method).__name__}")
         if not isinstance(schedule, Schedule):
@@ -398,6 +399,7 @@ def _call(model: nn.Module, batch: Any) -> None:
 def prune_once(
     model: nn.Module,
     method: Method,
+    *,
     sparsity: float,
     calib: Iterable | None = None,
     targets: Sequence[TargetSpec] | None = None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["OneShot", "Cubic", "Linear", "cubic_sparsity", "linear_sparsity", "Schedule"]
+__all__ = ["OneShot", "Cubic", "Linear", "cubic_sparsity", "linear_sparsity", "Schedule", "SCHEDULES"]
 
 
 def _check_sparsity(name: str, value: float) -> None:
@@ -137,3 +137,7 @@ class Linear(_Gradual):
 
     def sparsity_at(self, step: int) -> float:
         return linear_sparsity(step, self.initial_sparsity, self.final_sparsity, self.start_step, self.end_step, self.frequency)
+
+
+# The registry of schedule names (prune.schedule): the one place they are defined.
+SCHEDULES: dict[str, type[Schedule]] = {"oneshot": OneShot, "cubic": Cubic, "linear": Linear}

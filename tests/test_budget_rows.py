@@ -39,8 +39,8 @@ def _dead_rows(weight: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.9])
 def test_no_depthwise_channel_starved_at_layer_scope(method, sparsity):
     conv, calib = _depthwise_and_calib()
-    magnitude = csprune.prune_once(copy.deepcopy(conv), Magnitude(), sparsity, scope="layer").weight
-    pruned = csprune.prune_once(copy.deepcopy(conv), method(), sparsity, calib=calib, scope="layer").weight
+    magnitude = csprune.prune_once(copy.deepcopy(conv), Magnitude(), sparsity=sparsity, scope="layer").weight
+    pruned = csprune.prune_once(copy.deepcopy(conv), method(), sparsity=sparsity, calib=calib, scope="layer").weight
     starved = _dead_rows(pruned) & ~_dead_rows(magnitude)
     assert int(starved.sum()) == 0, f"{int(starved.sum())} channels emptied that magnitude keeps alive"
     assert int((pruned == 0).sum()) == round(sparsity * pruned.numel())  # the budget, exactly
@@ -51,8 +51,8 @@ def test_no_row_starved_at_global_scope(sparsity):
     """Global scope: the floor holds over all targets and the total budget is still met exactly."""
     conv, calib = _depthwise_and_calib(seed=1)
     net = nn.Sequential(conv, nn.Conv1d(C, 32, 1))
-    magnitude = csprune.prune_once(copy.deepcopy(net), Magnitude(), sparsity, scope="global")
-    pruned = csprune.prune_once(copy.deepcopy(net), CSP(), sparsity, calib=calib, scope="global")
+    magnitude = csprune.prune_once(copy.deepcopy(net), Magnitude(), sparsity=sparsity, scope="global")
+    pruned = csprune.prune_once(copy.deepcopy(net), CSP(), sparsity=sparsity, calib=calib, scope="global")
     total = zeros = 0
     for layer, ref in zip(pruned, magnitude):
         starved = _dead_rows(layer.weight) & ~_dead_rows(ref.weight)

@@ -101,7 +101,7 @@ def test_cap_is_ignored_by_diag_statistics():
 def test_prune_once_accepts_the_cap():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 32))
-    csprune.prune_once(net, CSP(), 0.5, calib=[(x,) for x in _xs(64)], max_gram_bytes=8 * 64 * 32)
+    csprune.prune_once(net, CSP(), sparsity=0.5, calib=[(x,) for x in _xs(64)], max_gram_bytes=8 * 64 * 32)
     assert abs(float((net[0].weight == 0).float().mean()) - 0.5) < 1e-6
 
 

@@ -1,19 +1,16 @@
-"""Pruning methods: each turns (weights, statistics, budget) into a mask (+ new values)."""
+"""Pruning methods: each turns (weights, statistics, budget) into a mask (+ new values).
+
+``METHODS`` is the registry: the one place a method's config name is defined. Config validation,
+the prune-config builder (``csprune.train.config``), error messages and the registry test read it.
+"""
+
+from __future__ import annotations
 
 from .base import LayerContext, Method, Selection
 from .csp import CSP
 from .magnitude import Magnitude, Random
 from .wanda import Wanda
 
-__all__ = ["Method", "LayerContext", "Selection", "Magnitude", "Random", "Wanda", "CSP", "build_method"]
+__all__ = ["Method", "LayerContext", "Selection", "Magnitude", "Random", "Wanda", "CSP", "METHODS"]
 
-
-def build_method(name: str, **kwargs) -> Method:
-    """Method by config name ("csp", "magnitude", "gmp", "wanda", "random").
-
-    "gmp" is magnitude pruning; the gradual Cubic schedule is the recipe's part of it.
-    """
-    table = {"csp": CSP, "magnitude": Magnitude, "gmp": Magnitude, "wanda": Wanda, "random": Random}
-    if name not in table:
-        raise ValueError(f"method {name!r}: expected one of {sorted(table)}")
-    return table[name](**kwargs)
+METHODS: dict[str, type[Method]] = {"csp": CSP, "magnitude": Magnitude, "wanda": Wanda, "random": Random}

@@ -58,12 +58,13 @@ class CSP(Method):
         self,
         sensing: str = "activations",
         solver: str = "auto",
+        *,
         damping: float = 0.01,
         gaussian_ratio: float = 0.5,
         train_l1: float = 0.0,
         solver_options: dict | None = None,
         safeguard: bool | str = "auto",
-    ):
+    ) -> None:
         if sensing not in SENSINGS:
             raise ValueError(f"sensing={sensing!r}: expected one of {SENSINGS}")
         if solver not in SOLVERS + ("auto",):

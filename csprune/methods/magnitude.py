@@ -23,7 +23,7 @@ class Magnitude(Method):
 
     name = "magnitude"
 
-    def __init__(self, refit: bool = False, damping: float = 0.01):
+    def __init__(self, *, refit: bool = False, damping: float = 0.01) -> None:
         self.refit = refit
         self.damping = damping  # 1% diagonal loading, as CSP (DESIGN §3)
         self.stats_mode = "full" if refit else None
@@ -49,7 +49,7 @@ class Random(Method):
     name = "random"
     row_floor = False  # the uninformed baseline: its draw is left as it is (methods/base.py, row floor)
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, *, seed: int = 0) -> None:
         self.seed = seed
 
     def score(self, rows, ctx):

@@ -23,7 +23,7 @@ class Wanda(Method):
 
     name = "wanda"
 
-    def __init__(self, refit: bool = False, damping: float = 0.01):
+    def __init__(self, *, refit: bool = False, damping: float = 0.01) -> None:
         self.refit = refit
         self.damping = damping  # 1% diagonal loading, as CSP (DESIGN §3)
         self.stats_mode = "full" if refit else "diag"

@@ -37,7 +37,8 @@ from csprune.solvers.refit import refit
 # Solvers that take ``allowed`` natively (the references solve the unrestricted problem only).
 ALLOWED_SOLVERS = ("omp", "obs", "sparsegpt", "fista")
 _L1_OPTIONS = ("reweight_rounds", "reweight_eps", "lam_init", "bisect_steps", "bisect_rtol", "tol")
-_OPTIONS: dict[str, tuple[str, ...]] = {
+# The registry of each solver's options (prune.solver_options); SOLVERS (in _common) holds the names.
+SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {
     "omp": ("atoms_per_iter", "pool_size", "refine_iters", "row_chunk"),
     "obs": ("rounds", "row_chunk", "start"),
     "sparsegpt": ("block",),
@@ -82,7 +83,7 @@ def solve(
     gram3, xy, g = check_problem(gram, xy)
     o, n = xy.shape
     k_t, lam_t = check_budget(k, lam, o, n, xy)
-    check_options(solver, options, _OPTIONS[solver])
+    check_options(solver, options, SOLVER_OPTIONS[solver])
     allowed_t = _check_allowed(allowed, solver, xy, k_t)
     groups = row_groups(o, g, xy.device)
     if solver == "omp":
@@ -141,4 +142,4 @@ def _check_allowed(allowed: Any, solver: str, xy: Tensor, k: Tensor | None) -> T
     return allowed_t
 
 
-__all__ = ["ALLOWED_SOLVERS", "FISTA", "OBS", "OMP", "SOLVERS", "SparseGPT", "obs_gram", "sparsegpt_gram", "SolverResult", "fista_gram", "omp_gram", "refit", "solve"]
+__all__ = ["ALLOWED_SOLVERS", "FISTA", "OBS", "OMP", "SOLVERS", "SOLVER_OPTIONS", "SparseGPT", "obs_gram", "sparsegpt_gram", "SolverResult", "fista_gram", "omp_gram", "refit", "solve"]

@@ -37,6 +37,8 @@ from typing import Iterator, Sequence
 import soundfile as sf
 import torch
 
+from ..errors import DataError
+
 __all__ = [
     "AN4_ROOT_ENV",
     "AN4_URL",
@@ -67,7 +69,7 @@ _AUDIO_SUFFIXES = (".wav", ".sph")
 _TRANSCRIPT_LINE = re.compile(r"^(?P<text>.*?)\s*\((?P<utt_id>[^()\s]+)\)\s*$")
 
 
-class AN4Error(RuntimeError):
+class AN4Error(DataError, RuntimeError):
     """The AN4 corpus is missing, incomplete or inconsistent; the message names the path."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write
+from ..errors import CheckpointError, ConfigError, CsPruneError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "check_compatible", "rng_state", "rng_state_full", "set_rng_state",
            "FORMAT", "FORMAT_VERSION", "CheckpointMismatch",
@@ -32,7 +33,7 @@ _STEP_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 _TEMP_NAME = re.compile(r"^\..+\.tmp$")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(CsPruneError, ValueError):
     """A readable checkpoint that belongs to another model, config or format version (not skipped on resume)."""
 
 
@@ -67,14 +68,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, corrupt, or pickled objects refused by weights_only
-        raise ValueError(f"{path}: not a readable training checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        raise CheckpointError(path, f"not a readable training checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         name, _, version = str(found).partition("/")
         if name == FORMAT_NAME and version.isdigit() and int(version) > FORMAT_VERSION:
             raise CheckpointMismatch(f"{path}: checkpoint format version {version} is newer than this csprune reads "
                                      f"({FORMAT_VERSION}); upgrade csprune to resume from it")
-        raise ValueError(f"{path}: checkpoint format {found!r}, expected {FORMAT!r}")
+        raise CheckpointError(path, f"checkpoint format {found!r}, expected {FORMAT!r}")
     return state
 
 
@@ -131,7 +132,7 @@ def latest_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict] | None:
             return path, load_checkpoint(path)
         except CheckpointMismatch:
             raise
-        except ValueError as exc:
+        except CheckpointError as exc:
             log.warning("csprune: skipping unreadable checkpoint %s", exc)
     return None
 
@@ -212,7 +213,7 @@ def find_resume(mode: Any, folder: str | os.PathLike) -> tuple[Path, dict] | Non
     if mode in ("false", "none", "0"):
         return None
     if mode not in ("true", "auto", "1"):
-        raise ValueError(f"trainer.resume={mode!r}: expected false, true or auto")
+        raise ConfigError(f"trainer.resume={mode!r}: expected false, true or auto")
     found = latest_checkpoint(folder)
     if found is None and mode != "auto":
         raise FileNotFoundError(f"trainer.resume=true: no readable checkpoint in {folder} (use trainer.resume=auto "

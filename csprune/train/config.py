@@ -7,16 +7,21 @@ imports Hydra. The keys are the fields of :class:`PruneConfig`, each with the re
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, List, Mapping, Optional
 
 import torch
 
-from ..methods import CSP, Magnitude, Method, Random, Wanda
-from ..pruner import Pruner
-from ..schedules import Cubic, Linear, OneShot, Schedule
+from ..errors import ConfigError
+from ..methods import METHODS, Method
+from ..methods.base import parse_pattern
+from ..methods.sensing import SENSINGS
+from ..pruner import SCOPES, Pruner
+from ..schedules import SCHEDULES, OneShot, Schedule
+from ..solvers import SOLVER_OPTIONS, SOLVERS
 
 __all__ = ["PruneConfig", "build_method", "build_schedule", "build_pruner", "validate_prune_config", "method_label",
-           "CONVENTIONAL_SCHEDULE"]
+           "method_names", "method_arguments", "CONVENTIONAL_SCHEDULE", "METHOD_ALIASES"]
 
 
 @dataclasses.dataclass
@@ -57,40 +62,44 @@ class PruneConfig:
 
 
 
+# Config-only method names: "gmp" is magnitude pruning on its conventional cubic schedule (Zhu & Gupta 2017).
+METHOD_ALIASES: dict[str, str] = {"gmp": "magnitude"}
+
+
+def method_names() -> tuple[str, ...]:
+    """Every ``prune.method`` a config may name: the registry's and the aliases."""
+    return tuple(METHODS) + tuple(METHOD_ALIASES)
+
+
+def method_arguments(name: str) -> tuple[str, ...]:
+    """The constructor arguments of method ``name`` (each is a :class:`PruneConfig` field of the same name)."""
+    cls = METHODS[METHOD_ALIASES.get(name, name)]
+    return tuple(k for k in inspect.signature(cls.__init__).parameters if k != "self")
+
+
 def build_method(p: Mapping[str, Any]) -> Method:
-    """Method object from a prune config."""
+    """Method object from a prune config: the registry's class, given every config key its constructor takes."""
     name = p["method"]
-    if name == "csp":
-        return CSP(
-            sensing=p.get("sensing", "activations"),
-            solver=p.get("solver", "auto"),
-            damping=p.get("damping", 0.01),
-            gaussian_ratio=p.get("gaussian_ratio", 0.5),
-            train_l1=p.get("train_l1", 0.0),
-            solver_options=dict(p.get("solver_options") or {}),
-            safeguard=p.get("safeguard", "auto"),
-        )
-    if name in ("magnitude", "gmp"):
-        return Magnitude(refit=p.get("refit", False), damping=p.get("damping", 0.01))
-    if name == "wanda":
-        return Wanda(refit=p.get("refit", False), damping=p.get("damping", 0.01))
-    if name == "random":
-        return Random(seed=p.get("seed", 0))
-    raise ValueError(f"prune.method={name!r}: expected csp, magnitude, gmp, wanda or random")
+    if name not in method_names():
+        raise ConfigError(f"prune.method={name!r}: expected one of {', '.join(method_names())}")
+    cls = METHODS[METHOD_ALIASES.get(name, name)]
+    kwargs = {k: p[k] for k in method_arguments(name) if k in p}
+    if "solver_options" in kwargs:
+        kwargs["solver_options"] = dict(kwargs["solver_options"] or {})
+    return cls(**kwargs)
 
 
 def build_schedule(p: Mapping[str, Any], start_step: int, steps_per_epoch: int) -> Schedule:
     """Schedule object from a prune config, in optimizer steps counted from ``start_step``."""
     kind = p.get("schedule", "oneshot")
+    if kind not in SCHEDULES:
+        raise ConfigError(f"prune.schedule={kind!r}: expected one of {', '.join(SCHEDULES)}")
     sparsity = p["sparsity"]
     if kind == "oneshot":
         return OneShot(sparsity, step=start_step)
     ramp = max(1, int(round(p.get("ramp_epochs", 1) * steps_per_epoch)))
-    cls = {"cubic": Cubic, "linear": Linear}.get(kind)
-    if cls is None:
-        raise ValueError(f"prune.schedule={kind!r}: expected oneshot, cubic or linear")
-    return cls(final_sparsity=sparsity, start_step=start_step, end_step=start_step + ramp,
-               frequency=max(1, min(int(p.get("frequency", 100)), ramp)))
+    return SCHEDULES[kind](final_sparsity=sparsity, start_step=start_step, end_step=start_step + ramp,
+                           frequency=max(1, min(int(p.get("frequency", 100)), ramp)))
 
 
 def build_pruner(model: torch.nn.Module, p: Mapping[str, Any], optimizer: torch.optim.Optimizer | None,
@@ -125,21 +134,23 @@ def method_label(p: Mapping[str, Any]) -> str:
 
 
 def validate_prune_config(p: Mapping[str, Any], prefix: str = "prune") -> None:
-    """Check a prune config before any work, naming the bad key (``prune.sparsity=1.5: ...``)."""
-    from ..methods.base import parse_pattern
-    from ..methods.sensing import SENSINGS
-    from ..pruner import SCOPES
-    from ..solvers import SOLVERS
+    """Check a prune config before any work, naming the bad key (``prune.sparsity=1.5: ...``).
 
-    def bad(key: str, why: str) -> ValueError:
-        return ValueError(f"{prefix}.{key}={p.get(key)!r}: {why}")
+    Names are checked against their registries (methods, schedules, solvers and their options,
+    sensings, scopes), so a typo in ``prune.solver_options`` fails here and not after dense training.
+
+    Raises:
+        ConfigError: naming the key, its value and what was expected.
+    """
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{key}={p.get(key)!r}: {why}")
 
     s = p.get("sparsity")
     if not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0 or s != s:
         raise bad("sparsity", "must lie in [0, 1)")
     choices = {
-        "method": ("csp", "gmp", "magnitude", "wanda", "random"),
-        "schedule": ("oneshot", "cubic", "linear"),
+        "method": method_names(),
+        "schedule": tuple(SCHEDULES),
         "scope": SCOPES,
         "sensing": SENSINGS,
         "solver": SOLVERS + ("auto",),
@@ -149,7 +160,7 @@ def validate_prune_config(p: Mapping[str, Any], prefix: str = "prune") -> None:
     }
     for key, allowed in choices.items():
         if key in p and p[key] not in allowed:
-            raise bad(key, f"expected one of {', '.join(allowed)}")
+            raise bad(key, f"expected one of {', '.join(map(str, allowed))}")
     try:
         parse_pattern(p.get("pattern", "unstructured"))
     except ValueError as exc:
@@ -160,3 +171,13 @@ def validate_prune_config(p: Mapping[str, Any], prefix: str = "prune") -> None:
     for key in ("frequency", "stats_steps", "calib_batches"):
         if key in p and p[key] < 1:
             raise bad(key, "must be >= 1")
+    options = p.get("solver_options") or {}
+    if options:
+        solver = p.get("solver", "auto")
+        per_solver = options if solver == "auto" else {solver: options}
+        for name, opts in per_solver.items():
+            if name not in SOLVER_OPTIONS:
+                raise bad("solver_options", f"with solver auto, keys are solver names ({', '.join(SOLVER_OPTIONS)}); got {name!r}")
+            unknown = sorted(set(opts or {}) - set(SOLVER_OPTIONS[name]))
+            if unknown:
+                raise bad("solver_options", f"unknown option(s) {unknown} for solver {name!r}; valid: {sorted(SOLVER_OPTIONS[name])}")

@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import csprune
+from csprune.errors import CheckpointError, ConfigError
 from csprune.train import tblog
 from csprune.train.ddp import check_weights_agree, init_distributed, wrap_ddp
 from csprune.train.an4 import read_audio
@@ -66,7 +67,7 @@ class Data:
         d = cfg.data
         micro = cfg.trainer.get("micro_batches", 1)
         if micro < 1 or d.batch_size % (world * micro):
-            raise ValueError(f"data.batch_size={d.batch_size}: must be divisible by {world} DDP ranks x "
+            raise ConfigError(f"data.batch_size={d.batch_size}: must be divisible by {world} DDP ranks x "
                              f"trainer.micro_batches={micro} (each shard takes batch_size/{world * micro} rows)")
         root = Path(d.root) if d.root else default_an4_root()
         self.rank, self.world, self.micro = rank, world, micro
@@ -195,14 +196,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.mode == "transcribe":
         return {"transcript": transcribe(cfg)}
     if cfg.mode != "train":
-        raise ValueError(f"mode={cfg.mode!r}: expected train or transcribe")
+        raise ConfigError(f"mode={cfg.mode!r}: expected train or transcribe")
     container = OmegaConf.to_container(cfg, resolve=True)
     prune_cfg = container.get("prune")
     if prune_cfg is not None:
         validate_prune_config(prune_cfg)  # before any work
     tc = cfg.trainer
     if tc.checkpoint_every < 0 or tc.keep_last < 1:
-        raise ValueError(f"trainer.checkpoint_every={tc.checkpoint_every} / trainer.keep_last={tc.keep_last}: "
+        raise ConfigError(f"trainer.checkpoint_every={tc.checkpoint_every} / trainer.keep_last={tc.keep_last}: "
                          f"need checkpoint_every >= 0 and keep_last >= 1")
     wall_start, started_at = time.perf_counter(), time.time()
     run_dir = _run_dir(cfg)
@@ -368,11 +369,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def transcribe(cfg: DictConfig) -> str:
     """Print the transcript of ``cfg.input`` with the exported model ``cfg.ckpt``."""
     if not cfg.ckpt or not cfg.input:
-        raise ValueError("mode=transcribe needs ckpt=PATH/model.safetensors and input=FILE.wav")
+        raise ConfigError("mode=transcribe needs ckpt=PATH/model.safetensors and input=FILE.wav")
     meta = csprune.read_sparse_meta(cfg.ckpt)
     for key in ("model", "vocab", "cmvn", "fbank"):
         if key not in meta:
-            raise ValueError(f"{cfg.ckpt}: metadata lacks {key!r}; not an ASR recipe export")
+            raise CheckpointError(cfg.ckpt, f"metadata lacks {key!r}; not an ASR recipe export")
     vocab = CharVocab.from_dict(meta["vocab"])
     model = make_model(meta["model"], vocab)
     csprune.load_sparse(cfg.ckpt, model=model)

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import csprune
+from csprune.errors import CheckpointError, ConfigError
 from csprune.train import tblog
 from csprune.train.an4 import AN4_SAMPLE_RATE, default_an4_root, read_an4_split, read_audio
 from csprune.train.checkpoint import load_checkpoint, save_checkpoint
@@ -232,7 +233,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.mode == "decode":
         return decode_file(cfg)
     if cfg.mode != "train":
-        raise ValueError(f"mode={cfg.mode!r}: expected train, encode or decode")
+        raise ConfigError(f"mode={cfg.mode!r}: expected train, encode or decode")
     container = OmegaConf.to_container(cfg, resolve=True)
     prune_cfg = container.get("prune")
     if prune_cfg is not None:
@@ -245,7 +246,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     rank, world, device = init_distributed(tc.device)
     main_rank = rank == 0
     if d.batch_size % (world * tc.micro_batches):
-        raise ValueError(f"data.batch_size={d.batch_size}: must be divisible by {world} DDP ranks x "
+        raise ConfigError(f"data.batch_size={d.batch_size}: must be divisible by {world} DDP ranks x "
                          f"trainer.micro_batches={tc.micro_batches}")
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -373,7 +374,7 @@ def load_codec(ckpt: str) -> SpeechCodec:
     """The codec of an exported model.safetensors (its metadata says how to build it)."""
     meta = csprune.read_sparse_meta(ckpt)
     if meta.get("recipe") != "codec" or "model" not in meta:
-        raise ValueError(f"ckpt={ckpt}: not a codec recipe export (metadata recipe={meta.get('recipe')!r})")
+        raise CheckpointError(ckpt, f"not a codec recipe export (metadata recipe={meta.get('recipe')!r})")
     codec = build_codec(meta["model"], meta.get("lpc"))
     csprune.load_sparse(ckpt, model=codec.model)
     codec.model.eval()
@@ -383,7 +384,7 @@ def load_codec(ckpt: str) -> SpeechCodec:
 def _need(cfg: DictConfig, *keys: str) -> None:
     missing = [k for k in keys if not cfg.get(k)]
     if missing:
-        raise ValueError(f"mode={cfg.mode} needs {', '.join(f'{k}=...' for k in missing)} "
+        raise ConfigError(f"mode={cfg.mode} needs {', '.join(f'{k}=...' for k in missing)} "
                          f"(e.g. ckpt=RUN/model.safetensors input=x.wav output=x.cmrl)")
 
 
