@@ -32,6 +32,16 @@ tune)
     "prune.frequency=$(one 15)" "prune.stats_steps=$(one 4)" "prune.train_l1=choice(0,1e-5)" \
     "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_csp_cubic"
   ;;
+tune2)
+  # The LR grid's edge: every method at 2e-3 (the dense peak), gradual CSP at 1e-3.
+  "$PY" "${common[@]}" +prune=magnitude,csp "prune.sparsity=$(one 0.7)" "prune.finetune_lr=$(one 2e-3)" \
+    "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune2_oneshot"
+  "$PY" "${common[@]}" +prune=gmp "prune.sparsity=$(one 0.7)" "prune.finetune_lr=$(one 2e-3)" \
+    "prune.ramp_epochs=$(one 1)" "prune.frequency=$(one 10)" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune2_gmp"
+  "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=$(one 0.7)" "prune.ramp_epochs=$(one 1)" \
+    "prune.frequency=$(one 15)" "prune.stats_steps=$(one 4)" "prune.train_l1=choice(0,1e-5)" \
+    "prune.finetune_lr=$(one 1e-3)" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune2_csp_cubic"
+  ;;
 main)
   for spec in "0.5 0" "0.7,0.9 0,1,2"; do
     read -r sp seeds <<<"$spec"
