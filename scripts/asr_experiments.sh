@@ -30,7 +30,7 @@ tune)
   # Gradual CSP, and the sparsity-inducing term in training (λ_train·Σ|W|, annealed to 0 over the ramp).
   "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=$(one 0.7)" "prune.ramp_epochs=$(one "${CSP_RAMP:-1}")" \
     "prune.frequency=$(one 15)" "prune.stats_steps=$(one 4)" "prune.train_l1=choice(0,1e-5)" \
-    "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_csp_cubic"
+    "prune.finetune_lr=$(one "5e-4")" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune_csp_cubic"
   ;;
 tune2)
   # The LR grid's edge: every method at 2e-3 (the dense peak), gradual CSP at 1e-3.
@@ -46,21 +46,21 @@ main)
   for spec in "0.5 0" "0.7,0.9 0,1,2"; do
     read -r sp seeds <<<"$spec"
     "$PY" "${common[@]}" +prune=magnitude "prune.sparsity=choice($sp)" "seed=$seeds" \
-      "prune.finetune_lr=$(one "${MAG_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
+      "prune.finetune_lr=$(one "${MAG_LR:-1e-3}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
       "hydra.sweep.dir=$out/main_magnitude_$sp"
     "$PY" "${common[@]}" +prune=wanda "prune.sparsity=choice($sp)" "seed=$seeds" "prune.refit=choice(false,true)" \
-      "prune.finetune_lr=$(one "${MAG_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
+      "prune.finetune_lr=$(one "${MAG_LR:-1e-3}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
       "hydra.sweep.dir=$out/main_wanda_$sp"
     "$PY" "${common[@]}" +prune=gmp "prune.sparsity=choice($sp)" "seed=$seeds" "prune.ramp_epochs=$(one "${GMP_RAMP:-1}")" \
-      "prune.frequency=$(one 10)" "prune.finetune_lr=$(one "${GMP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
+      "prune.frequency=$(one 10)" "prune.finetune_lr=$(one "${GMP_LR:-1e-3}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
       "hydra.sweep.dir=$out/main_gmp_$sp"
     "$PY" "${common[@]}" +prune=csp "prune.sparsity=choice($sp)" "seed=$seeds" \
-      "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
+      "prune.finetune_lr=$(one "${CSP_LR:-1e-3}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
       "hydra.sweep.dir=$out/main_csp_$sp"
     "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=choice($sp)" "seed=$seeds" \
       "prune.ramp_epochs=$(one "${CSP_RAMP:-1}")" "prune.frequency=$(one 15)" "prune.stats_steps=$(one 4)" \
-      "prune.finetune_lr=$(one "${CSP_LR:-5e-4}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
-      "hydra.sweep.dir=$out/main_csp_cubic_$sp"
+      "prune.train_l1=$(one "${CSP_L1:-0}")" "prune.finetune_lr=$(one "${CSP_CUBIC_LR:-1e-3}")" \
+      "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" "hydra.sweep.dir=$out/main_csp_cubic_$sp"
   done
   ;;
 *) echo "unknown stage $stage (tune | main)" >&2; exit 2 ;;
