@@ -43,24 +43,24 @@ tune2)
     "prune.finetune_lr=$(one 1e-3)" "prune.finetune_warmup_steps=$(one 30)" "hydra.sweep.dir=$out/tune2_csp_cubic"
   ;;
 main)
-  for spec in "0.5 0" "0.7,0.9 0,1,2"; do
-    read -r sp seeds <<<"$spec"
+  for spec in ${MAIN_BLOCKS:-"0.5:0" "0.7,0.9:0,1,2"}; do
+    sp=${spec%%:*} seeds=${spec##*:} tag=${spec%%:*}; tag=${tag//,/_}  # a comma in a path would read as a Hydra sweep
     "$PY" "${common[@]}" +prune=magnitude "prune.sparsity=choice($sp)" "seed=$seeds" \
       "prune.finetune_lr=$(one "${MAG_LR:-1e-3}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
-      "hydra.sweep.dir=$out/main_magnitude_$sp"
+      "hydra.sweep.dir=$out/main_magnitude_$tag"
     "$PY" "${common[@]}" +prune=wanda "prune.sparsity=choice($sp)" "seed=$seeds" "prune.refit=choice(false,true)" \
       "prune.finetune_lr=$(one "${MAG_LR:-1e-3}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
-      "hydra.sweep.dir=$out/main_wanda_$sp"
+      "hydra.sweep.dir=$out/main_wanda_$tag"
     "$PY" "${common[@]}" +prune=gmp "prune.sparsity=choice($sp)" "seed=$seeds" "prune.ramp_epochs=$(one "${GMP_RAMP:-1}")" \
       "prune.frequency=$(one 10)" "prune.finetune_lr=$(one "${GMP_LR:-1e-3}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
-      "hydra.sweep.dir=$out/main_gmp_$sp"
+      "hydra.sweep.dir=$out/main_gmp_$tag"
     "$PY" "${common[@]}" +prune=csp "prune.sparsity=choice($sp)" "seed=$seeds" \
       "prune.finetune_lr=$(one "${CSP_LR:-1e-3}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
-      "hydra.sweep.dir=$out/main_csp_$sp"
+      "hydra.sweep.dir=$out/main_csp_$tag"
     "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=choice($sp)" "seed=$seeds" \
       "prune.ramp_epochs=$(one "${CSP_RAMP:-1}")" "prune.frequency=$(one 15)" "prune.stats_steps=$(one 4)" \
       "prune.train_l1=$(one "${CSP_L1:-0}")" "prune.finetune_lr=$(one "${CSP_CUBIC_LR:-1e-3}")" \
-      "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" "hydra.sweep.dir=$out/main_csp_cubic_$sp"
+      "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" "hydra.sweep.dir=$out/main_csp_cubic_$tag"
   done
   ;;
 *) echo "unknown stage $stage (tune | main)" >&2; exit 2 ;;
