@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from network_error import build_methods  # noqa: E402
+from network_error import build_methods, load_dense  # noqa: E402
 
 LEVELS = (0.35, 0.5, 0.7, 0.9)
 
@@ -40,20 +40,9 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hydra import compose, initialize_config_dir
-
     import csprune
-    from csprune.train.checkpoint import load_checkpoint
-    from recipes.asr import run as asr
 
-    repo = Path(asr.__file__).resolve().parents[2]
-    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
-        cfg = compose("asr", overrides=[])
-    init = load_checkpoint(args.dense)
-    vocab = asr.CharVocab.from_dict(init["vocab"])
-    data = asr.Data(cfg, vocab, asr.GlobalCMVN.from_dict(init["cmvn"]), seed=0)
-    dense = asr.make_model(init["model_config"], vocab)
-    dense.load_state_dict(init["model"])
+    asr, data, vocab, dense = load_dense(args.dense)
     batches = data.train_batches(0)
     print(f"threads {torch.get_num_threads()}; {len(batches)} batches/epoch; update every {args.frequency} steps", flush=True)
 

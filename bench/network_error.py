@@ -60,6 +60,24 @@ def build_methods(names, damping):
     return out
 
 
+def load_dense(path: str):
+    """(the ASR recipe module, its AN4 Data, the vocabulary, the dense model) of a recipe ``dense.pt``."""
+    from hydra import compose, initialize_config_dir
+
+    from csprune.train.checkpoint import load_checkpoint
+    from recipes.asr import run as asr
+
+    repo = Path(asr.__file__).resolve().parents[2]
+    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
+        cfg = compose("asr", overrides=[])
+    init = load_checkpoint(path)
+    vocab = asr.CharVocab.from_dict(init["vocab"])
+    data = asr.Data(cfg, vocab, asr.GlobalCMVN.from_dict(init["cmvn"]), seed=0)
+    dense = asr.make_model(init["model_config"], vocab)
+    dense.load_state_dict(init["model"])
+    return asr, data, vocab, dense
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense", required=True, help="dense.pt of the ASR recipe")
@@ -75,20 +93,9 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hydra import compose, initialize_config_dir
-
     import csprune
-    from csprune.train.checkpoint import load_checkpoint
-    from recipes.asr import run as asr
 
-    repo = Path(asr.__file__).resolve().parents[2]
-    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
-        cfg = compose("asr", overrides=[])
-    init = load_checkpoint(args.dense)
-    vocab = asr.CharVocab.from_dict(init["vocab"])
-    data = asr.Data(cfg, vocab, asr.GlobalCMVN.from_dict(init["cmvn"]), seed=0)
-    dense = asr.make_model(init["model_config"], vocab)
-    dense.load_state_dict(init["model"])
+    asr, data, vocab, dense = load_dense(args.dense)
     dense.eval()
     test = data.test_batches()
     if args.calib_mode == "eval":

@@ -8,6 +8,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture()
+def single_thread():
+    """Tiny problems: one thread avoids OpenMP wake-up stalls on a busy machine (restored after the test)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def an4_root() -> Path:
     """The AN4 corpus folder (``$AN4_ROOT``, default ``data/an4``); skips the test when it is

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import REPO
 
@@ -60,11 +60,15 @@ def _du(path: Path) -> int:
 
 
 def test_core_install_runs_the_quick_start_without_the_recipe_dependencies(tmp_path):
+    # Install from a copy: an in-tree build would leave build/ and *.egg-info in the working tree.
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "outputs", "multirun", "build", "*.egg-info",
+                                                             "api", "__pycache__", "data"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
     start = time.perf_counter()
-    done = subprocess.run([str(py), "-m", "pip", "install", "-q", str(REPO)], capture_output=True, text=True, timeout=900,
+    done = subprocess.run([str(py), "-m", "pip", "install", "-q", str(src)], capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, PIP_NO_CACHE_DIR="1"))
     seconds = time.perf_counter() - start
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

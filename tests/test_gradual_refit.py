@@ -20,13 +20,7 @@ from csprune.schedules import Cubic, OneShot
 from csprune.solvers import solve
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny problems: one thread avoids OpenMP wake-up stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny problems run on one thread
 
 
 def spd_gram(n: int, seed: int) -> torch.Tensor:

@@ -17,13 +17,7 @@ from csprune.solvers import refit
 refit_module = sys.modules["csprune.solvers.refit"]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny problems: one thread avoids OpenMP wake-up stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny problems run on one thread
 
 
 def well_conditioned_gram(n: int, seed: int, scale: float = 1.0, groups: int = 1) -> torch.Tensor:

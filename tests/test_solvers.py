@@ -13,13 +13,7 @@ from csprune.solvers import SOLVERS, SolverResult, refit, solve
 sklearn_omp = pytest.importorskip("sklearn.linear_model").orthogonal_mp_gram
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny problems: one thread avoids OpenMP wake-up stalls on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny problems run on one thread
 
 
 def correlated_gram(n: int, samples: int, seed: int, unit_diag: bool = False) -> torch.Tensor:

@@ -32,7 +32,6 @@ Two exact representations of H, whichever is cheaper for the chunk (same result 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor

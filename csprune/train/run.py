@@ -1,11 +1,14 @@
-"""Stages and helpers both recipes' ``run(cfg)`` share: seeding, calibration, metrics files, the launch."""
+"""The stages both recipes' ``run(cfg)`` share: the start, one-shot pruning, the pruning record, the export
+and metrics tail, and the launch; with the helpers they use (seeding, calibration, metrics files)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -14,7 +17,8 @@ import torch
 
 from ..pruner import Pruner
 
-__all__ = ["calibrate", "seed_everything", "write_json", "launch"]
+__all__ = ["calibrate", "seed_everything", "write_json", "launch", "RunContext", "start_run", "prune_oneshot",
+           "finish_pruning", "export_run"]
 
 
 def calibrate(pruner: Pruner, model: torch.nn.Module, batches, forward: Callable[[Any], Any], mode: str = "eval") -> int:
@@ -81,4 +85,130 @@ def launch(run: Callable[[Any], Mapping[str, Any]], cfg: Any) -> Mapping[str, An
         print(f"preempted: {exc}", flush=True)
         sys.exit(PREEMPTED_EXIT_CODE)
     shutdown_distributed()
+    return metrics
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What every stage of a recipe run shares (made by :func:`start_run`).
+
+    Attributes:
+        cfg: the recipe's config (a Hydra DictConfig or anything with the same attributes).
+        config: the resolved config as plain containers (what checkpoints and TensorBoard record).
+        prune: the ``prune`` group as a dict, or None for a dense run.
+        run_dir: the run folder (rank 0 writes everything there).
+        rank, world, device: this process's DDP rank, the number of ranks, its device.
+        writer: rank 0's TensorBoard ``SummaryWriter``; None on other ranks.
+        wall_start, started_at: ``time.perf_counter()`` and ``time.time()`` at the start.
+    """
+
+    cfg: Any
+    config: dict
+    prune: dict | None
+    run_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    writer: Any
+    wall_start: float
+    started_at: float
+
+    @property
+    def main_rank(self) -> bool:
+        return self.rank == 0
+
+
+def start_run(cfg: Any, config: dict, run_dir: Path) -> RunContext:
+    """The first stage of both recipes: validate the prune config (before any work), set threads, join
+    the process group, make the run folder, seed, and open rank 0's TensorBoard writer with the config.
+
+    Args:
+        cfg: the recipe config (``trainer.threads``, ``trainer.device``, ``seed`` are read).
+        config: the same, resolved to plain containers.
+        run_dir: the run folder (the recipe resolves Hydra's; this package never imports Hydra).
+    """
+    from . import tblog
+    from .config import validate_prune_config
+    from .ddp import init_distributed
+
+    prune = config.get("prune")
+    if prune is not None:
+        validate_prune_config(prune)
+    wall_start, started_at = time.perf_counter(), time.time()
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    rank, world, device = init_distributed(cfg.trainer.device)
+    writer = None
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(run_dir))
+        tblog.log_config(writer, config)
+    seed_everything(cfg.seed)
+    return RunContext(cfg, config, prune, run_dir, rank, world, device, writer, wall_start, started_at)
+
+
+def prune_oneshot(ctx: RunContext, pruner: Pruner, model: torch.nn.Module, batches, forward: Callable[[Any], Any],
+                  step: int) -> dict:
+    """Calibrate on ``batches`` (``prune.calib_mode``), prune once to ``prune.sparsity``, log the step.
+
+    Returns:
+        the pruner's report.
+    """
+    from . import tblog
+
+    p = ctx.prune
+    calibrate(pruner, model, batches, forward, p.get("calib_mode", "eval"))
+    report = pruner.prune_to(p["sparsity"])
+    if ctx.writer is not None:
+        tblog.log_pruning(ctx.writer, pruner, report, step)
+    return report
+
+
+def finish_pruning(ctx: RunContext, pruner: Pruner, metrics: dict, seconds: float) -> None:
+    """Record what the pruning stage did in ``metrics`` and leave a plain model (``pruner.finalize()``)."""
+    from .config import method_label
+
+    p = ctx.prune
+    metrics.update(finetune_seconds=seconds, sparsity_actual=pruner.sparsity()["total"], method=p["method"],
+                   sparsity=p["sparsity"], schedule=p["schedule"], label=method_label(p))
+    if pruner.last_report:
+        metrics.update(prune_stats_bytes=pruner.last_report.get("stats_bytes", 0),
+                       prune_gram_bytes_peak=pruner.last_report.get("gram_bytes_peak", 0))
+    pruner.finalize()
+
+
+def export_run(ctx: RunContext, model: torch.nn.Module, metrics: dict, meta: dict, hparams: tuple[str, ...],
+               summary: str) -> dict:
+    """The last stage of both recipes (rank 0): export the sparse checkpoint, then record and print.
+
+    Writes ``model.safetensors`` (values in ``prune.values_dtype``), adds its size, the compression
+    ratio and the timings to ``metrics``, logs ``eval/<primary>`` and the HParams session, and writes
+    ``metrics.json`` — in that order, so a failure leaves the training checkpoints to resume from.
+    (Each recipe logs its own ``eval/*`` scalars.)
+
+    Args:
+        ctx: the run.
+        model: the finalized model.
+        metrics: the run's metrics so far (updated and returned).
+        meta: the export's metadata (how to rebuild the model).
+        hparams: metric keys shown in TensorBoard's HParams dashboard.
+        summary: the first part of the final line printed (the recipe's quality numbers).
+    """
+    from .. import save_sparse
+    from . import tblog
+
+    ckpt = ctx.run_dir / "model.safetensors"
+    save_sparse(model, ckpt, values_dtype=ctx.prune["values_dtype"] if ctx.prune else "float32", meta=meta)
+    dense_bytes = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
+    size = ckpt.stat().st_size
+    metrics.update(checkpoint_bytes=size, dense_bytes=dense_bytes, compression_ratio=dense_bytes / size,
+                   wall_seconds=time.perf_counter() - ctx.wall_start, started_at=ctx.started_at, finished_at=time.time(),
+                   pid=os.getpid())
+    tblog.log_hparams(ctx.writer, ctx.config, {k: v for k, v in metrics.items() if k in hparams})
+    ctx.writer.close()
+    write_json(ctx.run_dir / "metrics.json", metrics)
+    print(f"final: {summary} | sparsity {metrics.get('sparsity_actual', 0.0):.3f} | checkpoint {size / 1024:.1f} KiB "
+          f"({metrics['compression_ratio']:.2f}x smaller than dense fp32) | {ctx.run_dir}", flush=True)
     return metrics

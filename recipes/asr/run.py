@@ -12,7 +12,6 @@ Each run folder holds metrics.json, TensorBoard events, dense.pt (the dense mode
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,14 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 
 import csprune
 from csprune.errors import CheckpointError, ConfigError
-from csprune.train import tblog
-from csprune.train.ddp import check_weights_agree, init_distributed, wrap_ddp
+from csprune.progress import progress
 from csprune.train.an4 import read_audio
 from csprune.train.checkpoint import check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
-from csprune.progress import progress
-from csprune.train.config import build_pruner, method_label, validate_prune_config
+from csprune.train.config import build_pruner
+from csprune.train.ddp import check_weights_agree, wrap_ddp
 from csprune.train.loop import fit, fit_config, warmup_cosine
-from csprune.train.run import calibrate, launch, seed_everything, write_json
+from csprune.train.run import RunContext, export_run, finish_pruning, launch, prune_oneshot, start_run
+from recipes.hydra_run import run_dir
 from recipes.asr.config import register_configs
 from recipes.asr.data import ASRBatch, AN4Dataset, LengthBucketBatchSampler, collate_asr, default_an4_root, read_an4_split
 from recipes.asr.features import FbankConfig, FeatureCache, GlobalCMVN, SpecAugment, compute_fbank
@@ -167,22 +166,162 @@ def _loss(device):
     return loss_fn
 
 
-def _run_dir(cfg: DictConfig) -> Path:
-    if cfg.output_dir:
-        return Path(cfg.output_dir)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # called outside @hydra.main without output_dir
-        return Path("outputs/asr/manual")
-
-
 # Config keys that do not change the training trajectory: a checkpoint stays valid when they change.
 # trainer.micro_batches is free because the shard count (DDP ranks x micro-batches) is checked instead:
 # 2 ranks resumed as 1 process with micro_batches=2 compute the same steps.
 RESUME_FREE = {"trainer": ("resume", "checkpoint_every", "keep_last", "threads", "device", "log_every", "micro_batches", "max_bad_steps"),
                "data": ("root", "cache_dir"), "": ("output_dir", "mode", "ckpt", "input")}
+
+
+@dataclasses.dataclass
+class Job:
+    """One training run's model, data and resume state (made by :func:`prepare`)."""
+
+    vocab: CharVocab
+    model_cfg: dict
+    data: Data
+    model: torch.nn.Module
+    params: int
+    compat: dict
+    init: dict | None  # the init_from checkpoint
+    state: dict | None  # the training checkpoint resumed from
+    loss_fn: Any  # fit's loss function, one for the whole run
+    step: int = 0
+    train_seconds: float = 0.0
+
+    def saver(self, ctx: RunContext, stage: str, extra: dict):
+        """``fit``'s save callback: the whole training state, from the unwrapped module (rank 0 only)."""
+        tc = ctx.cfg.trainer
+
+        def save(progress: dict) -> None:
+            if not ctx.main_rank or not (tc.checkpoint_every or progress.get("preempted")):  # SIGTERM always checkpoints
+                return
+            payload = {"stage": stage, "progress": progress, "model": self.model.state_dict(), "compat": self.compat,
+                       "data": self.data.state_dict()}
+            payload.update({k: (v() if callable(v) else v) for k, v in extra.items()})
+            save_checkpoint(payload, ctx.run_dir / "checkpoints" / f"ckpt-{progress['step']:08d}.pt", keep_last=tc.keep_last)
+        return save
+
+    def fit(self, ctx: RunContext, optimizer, scheduler, epochs: int, stage: str, save, resume, pruner=None) -> None:
+        trained = wrap_ddp(self.model, ctx.world, ctx.device)  # after any pruner's parametrizations exist
+        self.step = fit(trained, self.data.train_batches, self.loss_fn, optimizer, scheduler,
+                        fit_config(ctx.cfg, epochs, stage), pruner=pruner, writer=ctx.writer, step=self.step, save=save,
+                        resume=resume, data_rng=(self.data.rng_state, self.data.set_rng_state))
+
+    def evaluate(self, ctx: RunContext) -> dict[str, float]:
+        return evaluate(self.model, self.data.test_batches(), self.vocab, ctx.device)
+
+
+def check_trainer(tc) -> None:
+    """Trainer settings the run cannot start with, named."""
+    if tc.checkpoint_every < 0 or tc.keep_last < 1:
+        raise ConfigError(f"trainer.checkpoint_every={tc.checkpoint_every} / trainer.keep_last={tc.keep_last}: "
+                          f"need checkpoint_every >= 0 and keep_last >= 1")
+
+
+def prepare(ctx: RunContext) -> Job:
+    """Stage 1: the dense start (``init_from``), the data, the model and the checkpoint to resume from."""
+    cfg = ctx.cfg
+    resumed = find_resume(cfg.trainer.resume, ctx.run_dir / "checkpoints")
+    init = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    vocab = CharVocab.from_dict(init["vocab"]) if init else CharVocab()
+    model_cfg = init["model_config"] if init else ctx.config["model"]
+    data = Data(cfg, vocab, GlobalCMVN.from_dict(init["cmvn"]) if init else None, cfg.seed, rank=ctx.rank, world=ctx.world)
+    model = make_model(model_cfg, vocab).to(ctx.device)
+    params = count_parameters(model)
+    compat = compat_record(ctx.config, model, model_cfg, RESUME_FREE, shards=ctx.world * data.micro)
+    state = resumed[1] if resumed else None
+    if state is not None:
+        check_compatible(state, compat, resumed[0])
+        print(f"resuming from {resumed[0]} (stage {state['stage']}, step {state['progress']['step']})", flush=True)
+    if ctx.main_rank:
+        print(f"model {model_cfg['name']}: {params / 1e6:.2f}M parameters; {len(data.train_utts)} train / "
+              f"{len(data.test_utts)} test utterances; {data.steps_per_epoch} steps/epoch; device {ctx.device}"
+              f"{f'; {ctx.world} DDP ranks' if ctx.world > 1 else ''}", flush=True)
+    return Job(vocab, model_cfg, data, model, params, compat, init, state, _loss(ctx.device))
+
+
+def dense_stage(ctx: RunContext, job: Job) -> dict[str, float]:
+    """Stage 2: load the dense model, or train it (resumably) and save ``dense.pt``; returns its WER/CER."""
+    cfg, tc, model, state = ctx.cfg, ctx.cfg.trainer, job.model, job.state
+    if job.init is not None:
+        model.load_state_dict(job.init["model"])
+        dense = job.init.get("dense_metrics") or job.evaluate(ctx)
+        print(f"initialized from {cfg.init_from}: dense WER {dense['wer']:.4f}", flush=True)
+    elif state is not None and state["stage"] == "finetune":
+        dense, job.train_seconds = state["dense_metrics"], state["train_seconds"]
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        steps = job.data.steps_per_epoch * tc.epochs
+        sched = warmup_cosine(opt, tc.warmup_steps, steps if tc.max_steps is None else min(tc.max_steps, steps))
+        progress = None
+        if state is not None:  # stage "train"
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["lr_scheduler"])
+            progress, job.train_seconds = state["progress"], state["train_seconds"]
+        t0 = time.perf_counter() - job.train_seconds
+        save = job.saver(ctx, "train", {"optimizer": opt.state_dict, "lr_scheduler": sched.state_dict,
+                                        "train_seconds": lambda: time.perf_counter() - t0})
+        job.fit(ctx, opt, sched, tc.epochs, "train", save, progress)
+        job.train_seconds = time.perf_counter() - t0
+        dense = job.evaluate(ctx)
+        if ctx.main_rank:
+            save_checkpoint({"model": model.state_dict(), "model_config": job.model_cfg, "vocab": job.vocab.to_dict(),
+                             "cmvn": job.data.cmvn.to_dict(), "dense_metrics": dense, "seed": cfg.seed},
+                            ctx.run_dir / "dense.pt")
+            print(f"dense: WER {dense['wer']:.4f} CER {dense['cer']:.4f} after {job.train_seconds:.0f}s", flush=True)
+    if ctx.writer is not None:
+        for k, v in dense.items():
+            ctx.writer.add_scalar(f"eval_dense/{k}", v, job.step)
+    return dense
+
+
+def prune_stage(ctx: RunContext, job: Job, metrics: dict, dense: dict) -> None:
+    """Stage 3: prune (one-shot after calibration, or gradually) and fine-tune, resumably; a plain model after."""
+    p, tc, model, state, data = ctx.prune, ctx.cfg.trainer, job.model, job.state, job.data
+    opt = torch.optim.AdamW(model.parameters(), lr=p["finetune_lr"], weight_decay=tc.weight_decay)
+    steps = p["finetune_epochs"] * data.steps_per_epoch
+    sched = warmup_cosine(opt, p["finetune_warmup_steps"], steps if tc.max_steps is None else min(steps, tc.max_steps))
+    pruner = build_pruner(model, p, opt, 0, data.steps_per_epoch, DEFAULT_TARGETS.get(job.model_cfg["name"]))
+    progress, before = None, 0.0
+    if state is not None and state["stage"] == "finetune":
+        model.load_state_dict(state["model"])
+        pruner.load_state_dict(state["pruner"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_scheduler"])
+        metrics.update(state["metrics"])
+        progress, before = state["progress"], state["finetune_seconds"]
+    t0 = time.perf_counter() - before
+    if p["schedule"] == "oneshot" and progress is None:
+        calib = data.calib_batches(p["calib_batches"]) if p["calib_mode"] == "eval" else data.augmented_batches(p["calib_batches"])
+        report = prune_oneshot(ctx, pruner, model, calib, lambda batch: model(*batch.to(ctx.device).inputs()), job.step)
+        oneshot = job.evaluate(ctx)
+        metrics.update({f"oneshot_{k}": v for k, v in oneshot.items()})
+        if ctx.main_rank:
+            print(f"one-shot {p['method']} to {p['sparsity']}: WER {oneshot['wer']:.4f} before fine-tuning "
+                  f"({report['seconds']:.1f}s pruning)", flush=True)
+    save = job.saver(ctx, "finetune", {"optimizer": opt.state_dict, "lr_scheduler": sched.state_dict, "pruner": pruner.state_dict,
+                                       "dense_metrics": dense, "train_seconds": job.train_seconds,
+                                       "metrics": lambda: {k: v for k, v in metrics.items() if k.startswith("oneshot_")},
+                                       "finetune_seconds": lambda: time.perf_counter() - t0})
+    job.fit(ctx, opt, sched, p["finetune_epochs"], "finetune", save, progress, pruner=pruner)
+    finish_pruning(ctx, pruner, metrics, time.perf_counter() - t0)
+
+
+def export_stage(ctx: RunContext, job: Job, metrics: dict) -> dict[str, Any]:
+    """Stage 4 (rank 0): final WER/CER, the sparse export and metrics.json."""
+    final = job.evaluate(ctx)
+    metrics.update(final)
+    for k in ("wer", "cer"):
+        ctx.writer.add_scalar(f"eval/{k}", final[k], job.step)
+    meta = {"recipe": "asr", "model": job.model_cfg, "vocab": job.vocab.to_dict(), "cmvn": job.data.cmvn.to_dict(),
+            "fbank": dataclasses.asdict(job.data.fbank), "metrics": final, "prune": ctx.prune}
+    return export_run(ctx, job.model, metrics, meta, HPARAM_METRICS, f"WER {final['wer']:.4f} CER {final['cer']:.4f}")
+
+
+# Metrics shown in TensorBoard's HParams dashboard.
+HPARAM_METRICS = ("wer", "cer", "dense_wer", "sparsity_actual", "checkpoint_bytes", "compression_ratio")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -197,173 +336,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return {"transcript": transcribe(cfg)}
     if cfg.mode != "train":
         raise ConfigError(f"mode={cfg.mode!r}: expected train or transcribe")
-    container = OmegaConf.to_container(cfg, resolve=True)
-    prune_cfg = container.get("prune")
-    if prune_cfg is not None:
-        validate_prune_config(prune_cfg)  # before any work
-    tc = cfg.trainer
-    if tc.checkpoint_every < 0 or tc.keep_last < 1:
-        raise ConfigError(f"trainer.checkpoint_every={tc.checkpoint_every} / trainer.keep_last={tc.keep_last}: "
-                         f"need checkpoint_every >= 0 and keep_last >= 1")
-    wall_start, started_at = time.perf_counter(), time.time()
-    run_dir = _run_dir(cfg)
-    ckpt_dir = run_dir / "checkpoints"
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    rank, world, device = init_distributed(cfg.trainer.device)
-    main_rank = rank == 0
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    resumed = find_resume(tc.resume, ckpt_dir)
-    state = resumed[1] if resumed else None
-
-    init = load_checkpoint(cfg.init_from) if cfg.init_from else None
-    vocab = CharVocab.from_dict(init["vocab"]) if init else CharVocab()
-    model_cfg = init["model_config"] if init else container["model"]
-    data = Data(cfg, vocab, GlobalCMVN.from_dict(init["cmvn"]) if init else None, cfg.seed, rank=rank, world=world)
-    model = make_model(model_cfg, vocab).to(device)
-    params = count_parameters(model)
-    compat = compat_record(container, model, model_cfg, RESUME_FREE, shards=world * data.micro)
-    if state is not None:
-        check_compatible(state, compat, resumed[0])
-        print(f"resuming from {resumed[0]} (stage {state['stage']}, step {state['progress']['step']})", flush=True)
-    if main_rank:
-        print(f"model {model_cfg['name']}: {params / 1e6:.2f}M parameters; {len(data.train_utts)} train / "
-              f"{len(data.test_utts)} test utterances; {data.steps_per_epoch} steps/epoch; device {device}"
-              f"{f'; {world} DDP ranks' if world > 1 else ''}", flush=True)
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(run_dir)) if main_rank else None
-    if writer is not None:
-        tblog.log_config(writer, container)
-    loss_fn = _loss(device)
-    step = 0
-    train_seconds = 0.0
-
-    def saver(stage: str, extra: dict):
-        """``fit``'s save callback: the whole training state, from the unwrapped module (rank 0 only)."""
-        def save(progress: dict) -> None:
-            if not main_rank or not (tc.checkpoint_every or progress.get("preempted")):  # SIGTERM always checkpoints
-                return
-            payload = {"stage": stage, "progress": progress, "model": model.state_dict(), "compat": compat,
-                       "data": data.state_dict()}
-            payload.update({k: (v() if callable(v) else v) for k, v in extra.items()})
-            save_checkpoint(payload, ckpt_dir / f"ckpt-{progress['step']:08d}.pt", keep_last=tc.keep_last)
-        return save
-
-    data_rng = (data.rng_state, data.set_rng_state)
-    if init is not None:
-        model.load_state_dict(init["model"])
-        dense_metrics = init.get("dense_metrics") or evaluate(model, data.test_batches(), vocab, device)
-        print(f"initialized from {cfg.init_from}: dense WER {dense_metrics['wer']:.4f}", flush=True)
-    elif state is not None and state["stage"] == "finetune":
-        dense_metrics, train_seconds = state["dense_metrics"], state["train_seconds"]
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        total = tc.epochs * data.steps_per_epoch if tc.max_steps is None else min(tc.max_steps, tc.epochs * data.steps_per_epoch)
-        sched = warmup_cosine(opt, tc.warmup_steps, total)
-        progress = None
-        if state is not None:  # stage "train"
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["lr_scheduler"])
-            progress = state["progress"]
-            train_seconds = state["train_seconds"]
-        t0 = time.perf_counter() - train_seconds
-        trained = wrap_ddp(model, world, device)
-        save = saver("train", {"optimizer": opt.state_dict, "lr_scheduler": sched.state_dict,
-                               "train_seconds": lambda: time.perf_counter() - t0})
-        step = fit(trained, data.train_batches, loss_fn, opt, sched, fit_config(cfg, tc.epochs, "train"), writer=writer,
-                   step=step, save=save, resume=progress, data_rng=data_rng)
-        train_seconds = time.perf_counter() - t0
-        dense_metrics = evaluate(model, data.test_batches(), vocab, device)
-        if main_rank:
-            save_checkpoint({"model": model.state_dict(), "model_config": model_cfg, "vocab": vocab.to_dict(),
-                             "cmvn": data.cmvn.to_dict(), "dense_metrics": dense_metrics, "seed": cfg.seed},
-                            run_dir / "dense.pt")
-            print(f"dense: WER {dense_metrics['wer']:.4f} CER {dense_metrics['cer']:.4f} after {train_seconds:.0f}s", flush=True)
-    if writer is not None:
-        for k, v in dense_metrics.items():
-            writer.add_scalar(f"eval_dense/{k}", v, step)
-
+    check_trainer(cfg.trainer)
+    ctx = start_run(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir(cfg, "outputs/asr/manual"))
+    job = prepare(ctx)
+    dense = dense_stage(ctx, job)
     metrics: dict[str, Any] = {
-        "recipe": "asr", "model": model_cfg["name"], "params": params, "seed": cfg.seed, "primary_metric": "wer",
-        "dense_wer": dense_metrics["wer"], "dense_cer": dense_metrics["cer"], "train_seconds": train_seconds,
-        "method": "dense", "sparsity": 0.0, "world_size": world,
+        "recipe": "asr", "model": job.model_cfg["name"], "params": job.params, "seed": cfg.seed, "primary_metric": "wer",
+        "dense_wer": dense["wer"], "dense_cer": dense["cer"], "train_seconds": job.train_seconds,
+        "method": "dense", "sparsity": 0.0, "world_size": ctx.world,
     }
-    pruner = None
-    if prune_cfg is not None:
-        p = prune_cfg
-        opt = torch.optim.AdamW(model.parameters(), lr=p["finetune_lr"], weight_decay=tc.weight_decay)
-        ft_steps = p["finetune_epochs"] * data.steps_per_epoch
-        if tc.max_steps is not None:
-            ft_steps = min(ft_steps, tc.max_steps)
-        sched = warmup_cosine(opt, p["finetune_warmup_steps"], ft_steps)
-        pruner = build_pruner(model, p, opt, 0, data.steps_per_epoch, DEFAULT_TARGETS.get(model_cfg["name"]))
-        progress, ft_before = None, 0.0
-        if state is not None and state["stage"] == "finetune":
-            model.load_state_dict(state["model"])
-            pruner.load_state_dict(state["pruner"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["lr_scheduler"])
-            metrics.update(state["metrics"])
-            progress, ft_before = state["progress"], state["finetune_seconds"]
-        t0 = time.perf_counter() - ft_before
-        if p["schedule"] == "oneshot" and progress is None:
-            calib = data.calib_batches(p["calib_batches"]) if p["calib_mode"] == "eval" else data.augmented_batches(p["calib_batches"])
-            calibrate(pruner, model, calib, lambda batch: model(*batch.to(device).inputs()), p["calib_mode"])
-            report = pruner.prune_to(p["sparsity"])
-            if writer is not None:
-                tblog.log_pruning(writer, pruner, report, step)
-            oneshot = evaluate(model, data.test_batches(), vocab, device)
-            metrics.update({f"oneshot_{k}": v for k, v in oneshot.items()})
-            if main_rank:
-                print(f"one-shot {p['method']} to {p['sparsity']}: WER {oneshot['wer']:.4f} before fine-tuning "
-                      f"({report['seconds']:.1f}s pruning)", flush=True)
-        trained = wrap_ddp(model, world, device)  # after the pruner's parametrizations exist
-        save = saver("finetune", {"optimizer": opt.state_dict, "lr_scheduler": sched.state_dict, "pruner": pruner.state_dict,
-                                  "dense_metrics": dense_metrics, "train_seconds": train_seconds,
-                                  "metrics": lambda: {k: v for k, v in metrics.items() if k.startswith("oneshot_")},
-                                  "finetune_seconds": lambda: time.perf_counter() - t0})
-        step = fit(trained, data.train_batches, loss_fn, opt, sched, fit_config(cfg, p["finetune_epochs"], "finetune"),
-                   pruner=pruner, writer=writer, step=step, save=save, resume=progress, data_rng=data_rng)
-        metrics["finetune_seconds"] = time.perf_counter() - t0
-        metrics["sparsity_actual"] = pruner.sparsity()["total"]
-        metrics.update(method=p["method"], sparsity=p["sparsity"], schedule=p["schedule"],
-                       label=method_label(p))
-        if pruner.last_report:
-            metrics.update(prune_stats_bytes=pruner.last_report.get("stats_bytes", 0),
-                           prune_gram_bytes_peak=pruner.last_report.get("gram_bytes_peak", 0))
-        pruner.finalize()
-    check_weights_agree(model, world, on_disk=f"rank 0's dense.pt and training checkpoints in {run_dir}")
-    if not main_rank:
-        return metrics
-
-    final = evaluate(model, data.test_batches(), vocab, device)
-    metrics.update(final)
-    ckpt = run_dir / "model.safetensors"
-    meta = {"recipe": "asr", "model": model_cfg, "vocab": vocab.to_dict(), "cmvn": data.cmvn.to_dict(),
-            "fbank": dataclasses.asdict(data.fbank), "metrics": {"wer": final["wer"], "cer": final["cer"]},
-            "prune": prune_cfg}
-    values_dtype = prune_cfg["values_dtype"] if prune_cfg else "float32"
-    csprune.save_sparse(model, ckpt, values_dtype=values_dtype, meta=meta)
-    dense_bytes = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
-    metrics.update(checkpoint_bytes=ckpt.stat().st_size, dense_bytes=dense_bytes,
-                   compression_ratio=dense_bytes / ckpt.stat().st_size,
-                   wall_seconds=time.perf_counter() - wall_start, started_at=started_at, finished_at=time.time(),
-                   pid=os.getpid())
-    for k in ("wer", "cer"):
-        writer.add_scalar(f"eval/{k}", final[k], step)
-    tblog.log_hparams(writer, container, {k: v for k, v in metrics.items() if k in (
-        "wer", "cer", "dense_wer", "sparsity_actual", "checkpoint_bytes", "compression_ratio")})
-    writer.close()
-    write_json(run_dir / "metrics.json", metrics)
-    print(f"final: WER {final['wer']:.4f} CER {final['cer']:.4f} | sparsity {metrics.get('sparsity_actual', 0.0):.3f} | "
-          f"checkpoint {metrics['checkpoint_bytes'] / 1024:.1f} KiB ({metrics['compression_ratio']:.2f}x smaller than dense fp32) "
-          f"| {run_dir}", flush=True)
-    return metrics
+    if ctx.prune is not None:
+        prune_stage(ctx, job, metrics, dense)
+    check_weights_agree(job.model, ctx.world, on_disk=f"rank 0's dense.pt and training checkpoints in {ctx.run_dir}")
+    return export_stage(ctx, job, metrics) if ctx.main_rank else metrics
 
 
 def transcribe(cfg: DictConfig) -> str:

@@ -13,7 +13,7 @@ reference vs decoded audio), dense.pt (reusable with ``init_from``), model.safet
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import sys
 import tempfile
 import time
@@ -29,14 +29,14 @@ from omegaconf import DictConfig, OmegaConf
 
 import csprune
 from csprune.errors import CheckpointError, ConfigError
-from csprune.train import tblog
+from csprune.progress import progress
 from csprune.train.an4 import AN4_SAMPLE_RATE, default_an4_root, read_an4_split, read_audio
 from csprune.train.checkpoint import load_checkpoint, save_checkpoint
-from csprune.train.ddp import check_weights_agree, init_distributed, wrap_ddp
-from csprune.progress import progress
-from csprune.train.config import build_pruner, method_label, validate_prune_config
+from csprune.train.config import build_pruner
+from csprune.train.ddp import check_weights_agree, wrap_ddp
 from csprune.train.loop import fit, fit_config, warmup_cosine
-from csprune.train.run import calibrate, launch, seed_everything, write_json
+from csprune.train.run import RunContext, export_run, finish_pruning, launch, prune_oneshot, start_run
+from recipes.hydra_run import run_dir
 from recipes.codec.codec import CodedUtterance, SpeechCodec
 from recipes.codec.config import register_configs
 from recipes.codec.data import FrameBank, load_utterance
@@ -61,18 +61,6 @@ def build_codec(model_cfg: dict, lpc_cfg: dict | None) -> SpeechCodec:
 
         lpc = LPCFrontEnd(order=lpc_cfg["order"], preemph=lpc_cfg["preemph"], lsf_bits=lpc_cfg["lsf_bits"], sample_rate=SAMPLE_RATE)
     return SpeechCodec(model, lpc, overlap=model_cfg.get("overlap", 32), sample_rate=SAMPLE_RATE)
-
-
-def _run_dir(cfg: DictConfig) -> Path:
-    """``output_dir``, else Hydra's run dir (csprune itself never imports Hydra, so each recipe resolves it)."""
-    if cfg.output_dir:
-        return Path(cfg.output_dir)
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # called outside @hydra.main without output_dir
-        return Path("outputs/codec/manual")
 
 
 class TrainStep:
@@ -226,6 +214,131 @@ def _describe(tag: str, m: dict[str, float]) -> str:
             f"bitrate {m['bitrate_entropy'] / 1000:.2f} kbit/s (entropy) / {m['bitrate_real'] / 1000:.2f} kbit/s (file)")
 
 
+@dataclasses.dataclass
+class Job:
+    """One codec run's model, loss (with the rate controller), data and position (made by :func:`prepare`)."""
+
+    codec: SpeechCodec
+    loss: CodecLoss
+    loss_cfg: LossConfig
+    bank: FrameBank
+    test_utts: list
+    test_waves: list
+    test_frames: torch.Tensor  # every 8th test frame (~1.5k of 12k): a quick SNR without PESQ
+    model_cfg: dict
+    lpc_cfg: dict | None
+    params: int
+    init: dict | None
+    generator: torch.Generator
+    step: int = 0
+    train_seconds: float = 0.0
+
+    def train(self, ctx: RunContext, **stage) -> None:
+        self.step = train_stage(self.codec, self.bank, self.loss, ctx.cfg, step=self.step, writer=ctx.writer,
+                                generator=self.generator, rank=ctx.rank, world=ctx.world, **stage)
+
+    def evaluate(self, ctx: RunContext, prefix: str) -> dict[str, float]:
+        return evaluate(self.codec, self.test_utts, self.test_waves, ctx.writer, self.step, prefix, ctx.cfg.data.audio_samples)
+
+
+def prepare(ctx: RunContext) -> Job:
+    """Stage 1: the dense start (``init_from``), the codec, its loss and the frames."""
+    cfg, d = ctx.cfg, ctx.cfg.data
+    if d.batch_size % (ctx.world * cfg.trainer.micro_batches):
+        raise ConfigError(f"data.batch_size={d.batch_size}: must be divisible by {ctx.world} DDP ranks x "
+                          f"trainer.micro_batches={cfg.trainer.micro_batches}")
+    init = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    model_cfg = init["model_config"] if init else ctx.config["model"]
+    lpc_cfg = init["lpc_config"] if init else (ctx.config["lpc_front_end"] if ctx.config["lpc"] else None)
+    codec = build_codec(model_cfg, lpc_cfg)
+    codec.model.to(ctx.device)
+    root = Path(d.root) if d.root else default_an4_root()
+    train_utts = read_an4_split(root, "train")[: d.max_train_utts]
+    test_utts = read_an4_split(root, "test")[: d.max_test_utts]
+    bank = FrameBank(train_utts, d.target_dbfs, codec.signal_frames)  # pre-emphasised frames with LPC
+    test_waves = [load_utterance(u, d.target_dbfs) for u in test_utts]
+    params = count_parameters(codec.model)
+    if ctx.main_rank:
+        print(f"model cmrl: {codec.model.num_modules} modules, {params / 1e6:.3f}M parameters"
+              f"{' + LPC front end' if codec.lpc is not None else ''}; {len(train_utts)} train utterances ({len(bank)} frames), "
+              f"{len(test_utts)} test; device {ctx.device}{f'; {ctx.world} DDP ranks' if ctx.world > 1 else ''}", flush=True)
+    loss_cfg = LossConfig(**ctx.config["loss"])
+    loss = CodecLoss(loss_cfg, codec.model.num_modules, codec.codes_per_second, codec.frame_len, SAMPLE_RATE,
+                     codec.side_bits_per_second).to(ctx.device)
+    test_frames = torch.cat([codec.signal_frames(w) for w in test_waves])[::8]
+    return Job(codec, loss, loss_cfg, bank, test_utts, test_waves, test_frames, model_cfg, lpc_cfg, params, init,
+               torch.Generator().manual_seed(cfg.seed))
+
+
+def dense_stage(ctx: RunContext, job: Job) -> dict[str, float]:
+    """Stage 2: load the dense codec, or train it greedily module by module, then jointly; save ``dense.pt``."""
+    cfg, tc, model = ctx.cfg, ctx.cfg.trainer, job.codec.model
+    if job.init is not None:
+        model.load_state_dict(job.init["model"])
+        job.loss.tau.copy_(job.init["tau"])
+        print(f"initialized from {cfg.init_from}: dense PESQ-WB {job.init['dense_metrics']['pesq']:.3f}", flush=True)
+        return job.init["dense_metrics"]
+    t0 = time.perf_counter()
+    for m in range(model.num_modules):  # phase 1: greedy, module by module
+        job.train(ctx, params=model.stages[m].parameters(), lr=tc.greedy_lr or tc.lr, epochs=tc.greedy_epochs,
+                  stage=f"greedy_m{m}", upto=m + 1, train_only=m)
+    job.train(ctx, params=model.parameters(), lr=tc.lr, epochs=tc.epochs, stage="joint")  # phase 2: all together
+    refresh_code_probs(job.codec, job.bank)
+    job.train_seconds = time.perf_counter() - t0
+    if not ctx.main_rank:  # the other ranks wait in the next collective (or at the final barrier)
+        return {}
+    dense = job.evaluate(ctx, "eval_dense")
+    save_checkpoint({"model": model.state_dict(), "model_config": job.model_cfg, "lpc_config": job.lpc_cfg,
+                     "tau": job.loss.tau.detach().cpu(), "dense_metrics": dense, "seed": cfg.seed}, ctx.run_dir / "dense.pt")
+    print(_describe(f"dense after {job.train_seconds:.0f}s", dense), flush=True)
+    return dense
+
+
+def prune_stage(ctx: RunContext, job: Job, metrics: dict) -> None:
+    """Stage 3: prune (one-shot after calibration, or gradually) and fine-tune; a plain model after."""
+    p, cfg, d, codec = ctx.prune, ctx.cfg, ctx.cfg.data, job.codec
+    per_epoch = (d.frames_per_epoch or len(job.bank)) // d.batch_size or 1
+    opt = torch.optim.Adam(codec.model.parameters(), lr=p["finetune_lr"], weight_decay=cfg.trainer.weight_decay)
+    pruner = build_pruner(codec.model, p, opt, 0, per_epoch, DEFAULT_TARGETS)
+    t0 = time.perf_counter()
+    if p["schedule"] == "oneshot":
+        calib = torch.Generator().manual_seed(cfg.seed + 1)  # clean training frames, hard-quantized as at inference
+        frames = [job.bank.frames[torch.randint(len(job.bank), (d.batch_size,), generator=calib)] for _ in range(p["calib_batches"])]
+        report = prune_oneshot(ctx, pruner, codec.model, frames,
+                               lambda f: codec.model(codec.training_view(f.to(ctx.device))["input"], hard=True), job.step)
+        if ctx.main_rank:
+            metrics["oneshot_frame_snr"] = frame_snr_db(codec, job.test_frames)
+            ctx.writer.add_scalar("eval_oneshot/frame_snr", metrics["oneshot_frame_snr"], job.step)
+            print(f"one-shot {p['method']} to {p['sparsity']}: frame SNR {metrics['dense_frame_snr']:.2f} -> "
+                  f"{metrics['oneshot_frame_snr']:.2f} dB before fine-tuning ({report['seconds']:.1f}s pruning)", flush=True)
+    job.train(ctx, params=None, lr=p["finetune_lr"], epochs=p["finetune_epochs"], stage="finetune", pruner=pruner,
+              optimizer=opt, warmup=p["finetune_warmup_steps"])
+    refresh_code_probs(codec, job.bank)  # the coder's distribution must describe the pruned model's codes
+    finish_pruning(ctx, pruner, metrics, time.perf_counter() - t0)
+
+
+def export_stage(ctx: RunContext, job: Job, metrics: dict, dense: dict) -> dict[str, Any]:
+    """Stage 4 (rank 0): evaluate through real .cmrl files, export, metrics.json."""
+    if ctx.prune is not None:
+        final = job.evaluate(ctx, "eval")
+        metrics["frame_snr"] = frame_snr_db(job.codec, job.test_frames)
+        print(_describe(f"{ctx.prune['method']} {ctx.prune['sparsity']}", final), flush=True)
+    else:
+        final = dense
+        for k, v in final.items():
+            ctx.writer.add_scalar(f"eval/{k}", v, job.step)
+    metrics.update(final)
+    meta = {"recipe": "codec", "model": job.model_cfg, "lpc": job.lpc_cfg, "sample_rate": SAMPLE_RATE,
+            "target_dbfs": ctx.cfg.data.target_dbfs, "metrics": {k: final[k] for k in ("pesq", "snr", "stoi", "bitrate_real")},
+            "prune": ctx.prune}
+    return export_run(ctx, job.codec.model, metrics, meta, HPARAM_METRICS,
+                      f"PESQ-WB {final['pesq']:.3f} | {final['bitrate_real'] / 1000:.2f} kbit/s")
+
+
+# Metrics shown in TensorBoard's HParams dashboard.
+HPARAM_METRICS = ("pesq", "snr", "stoi", "bitrate_real", "dense_pesq", "sparsity_actual", "checkpoint_bytes", "compression_ratio")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (or load), prune, evaluate and export; returns the metrics (also written to metrics.json)."""
     if cfg.mode == "encode":
@@ -234,140 +347,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return decode_file(cfg)
     if cfg.mode != "train":
         raise ConfigError(f"mode={cfg.mode!r}: expected train, encode or decode")
-    container = OmegaConf.to_container(cfg, resolve=True)
-    prune_cfg = container.get("prune")
-    if prune_cfg is not None:
-        validate_prune_config(prune_cfg)  # before any work
-    wall_start, started_at = time.perf_counter(), time.time()
-    run_dir = _run_dir(cfg)
-    tc, d = cfg.trainer, cfg.data
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    rank, world, device = init_distributed(tc.device)
-    main_rank = rank == 0
-    if d.batch_size % (world * tc.micro_batches):
-        raise ConfigError(f"data.batch_size={d.batch_size}: must be divisible by {world} DDP ranks x "
-                         f"trainer.micro_batches={tc.micro_batches}")
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-
-    init = load_checkpoint(cfg.init_from) if cfg.init_from else None
-    model_cfg = init["model_config"] if init else container["model"]
-    lpc_cfg = init["lpc_config"] if init else (container["lpc_front_end"] if container["lpc"] else None)
-    codec = build_codec(model_cfg, lpc_cfg)
-    codec.model.to(device)
-    root = Path(d.root) if d.root else default_an4_root()
-    train_utts = read_an4_split(root, "train")[: d.max_train_utts]
-    test_utts = read_an4_split(root, "test")[: d.max_test_utts]
-    bank = FrameBank(train_utts, d.target_dbfs, codec.signal_frames)  # pre-emphasised frames with LPC
-    test_waves = [load_utterance(u, d.target_dbfs) for u in test_utts]
-    params = count_parameters(codec.model)
-    if main_rank:
-        print(f"model cmrl: {codec.model.num_modules} modules, {params / 1e6:.3f}M parameters"
-              f"{' + LPC front end' if codec.lpc is not None else ''}; {len(train_utts)} train utterances ({len(bank)} frames), "
-              f"{len(test_utts)} test; device {device}{f'; {world} DDP ranks' if world > 1 else ''}", flush=True)
-    loss_cfg = LossConfig(**container["loss"])
-    loss = CodecLoss(loss_cfg, codec.model.num_modules, codec.codes_per_second, codec.frame_len, SAMPLE_RATE,
-                     codec.side_bits_per_second).to(device)
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(run_dir)) if main_rank else None
-    if writer is not None:
-        tblog.log_config(writer, container)
-    ddp = {"rank": rank, "world": world}
-    step, train_seconds = 0, 0.0
-    if init is not None:
-        codec.model.load_state_dict(init["model"])
-        loss.tau.copy_(init["tau"])
-        dense_metrics = init["dense_metrics"]
-        print(f"initialized from {cfg.init_from}: dense PESQ-WB {dense_metrics['pesq']:.3f}", flush=True)
-    else:
-        t0 = time.perf_counter()
-        for m in range(codec.model.num_modules):  # phase 1: greedy, module by module
-            step = train_stage(codec, bank, loss, cfg, params=codec.model.stages[m].parameters(), lr=tc.greedy_lr or tc.lr,
-                               epochs=tc.greedy_epochs, stage=f"greedy_m{m}", step=step, writer=writer,
-                               generator=generator, upto=m + 1, train_only=m, **ddp)
-        step = train_stage(codec, bank, loss, cfg, params=codec.model.parameters(), lr=tc.lr, epochs=tc.epochs,
-                           stage="joint", step=step, writer=writer, generator=generator, **ddp)  # phase 2: all together
-        refresh_code_probs(codec, bank)
-        train_seconds = time.perf_counter() - t0
-        dense_metrics = {}
-        if main_rank:  # the other ranks wait in the next collective (or at the final barrier)
-            dense_metrics = evaluate(codec, test_utts, test_waves, writer, step, "eval_dense", d.audio_samples)
-            save_checkpoint({"model": codec.model.state_dict(), "model_config": model_cfg, "lpc_config": lpc_cfg,
-                             "tau": loss.tau.detach().cpu(), "dense_metrics": dense_metrics, "seed": cfg.seed},
-                            run_dir / "dense.pt")
-            print(_describe(f"dense after {train_seconds:.0f}s", dense_metrics), flush=True)
-
+    ctx = start_run(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir(cfg, "outputs/codec/manual"))
+    job = prepare(ctx)
+    dense = dense_stage(ctx, job)
     metrics: dict[str, Any] = {
-        "recipe": "codec", "model": "cmrl", "params": params, "seed": cfg.seed, "primary_metric": "pesq",
-        "lpc": bool(codec.lpc is not None), "psychoacoustic": loss_cfg.psychoacoustic,
-        "target_bitrate": loss_cfg.target_bitrate, "train_seconds": train_seconds, "method": "dense", "sparsity": 0.0,
-        **{f"dense_{k}": v for k, v in dense_metrics.items()},
+        "recipe": "codec", "model": "cmrl", "params": job.params, "seed": cfg.seed, "primary_metric": "pesq",
+        "lpc": job.codec.lpc is not None, "psychoacoustic": job.loss_cfg.psychoacoustic,
+        "target_bitrate": job.loss_cfg.target_bitrate, "train_seconds": job.train_seconds, "method": "dense", "sparsity": 0.0,
+        **{f"dense_{k}": v for k, v in dense.items()},
     }
-    # Every 8th test frame (~1.5k of 12k): a quick SNR of the hard-quantized model before and after pruning.
-    test_frames = torch.cat([codec.signal_frames(w) for w in test_waves])[::8]
-    if main_rank:
-        metrics["dense_frame_snr"] = frame_snr_db(codec, test_frames)  # the model as loaded, before any pruning
-    final = dense_metrics
-    if prune_cfg is not None:
-        p = prune_cfg
-        per_epoch = (d.frames_per_epoch or len(bank)) // d.batch_size or 1
-        opt = torch.optim.Adam(codec.model.parameters(), lr=p["finetune_lr"], weight_decay=tc.weight_decay)
-        pruner = build_pruner(codec.model, p, opt, 0, per_epoch, DEFAULT_TARGETS)
-        t0 = time.perf_counter()
-        if p["schedule"] == "oneshot":
-            calib = torch.Generator().manual_seed(cfg.seed + 1)  # clean training frames, hard-quantized as at inference
-            frames = [bank.frames[torch.randint(len(bank), (d.batch_size,), generator=calib)] for _ in range(p["calib_batches"])]
-            calibrate(pruner, codec.model, frames,
-                      lambda f: codec.model(codec.training_view(f.to(device))["input"], hard=True), p["calib_mode"])
-            report = pruner.prune_to(p["sparsity"])
-            if main_rank:
-                tblog.log_pruning(writer, pruner, report, step)
-                metrics["oneshot_frame_snr"] = frame_snr_db(codec, test_frames)
-                writer.add_scalar("eval_oneshot/frame_snr", metrics["oneshot_frame_snr"], step)
-                print(f"one-shot {p['method']} to {p['sparsity']}: frame SNR {metrics['dense_frame_snr']:.2f} -> "
-                      f"{metrics['oneshot_frame_snr']:.2f} dB before fine-tuning ({report['seconds']:.1f}s pruning)", flush=True)
-        step = train_stage(codec, bank, loss, cfg, params=None, lr=p["finetune_lr"], epochs=p["finetune_epochs"],
-                           stage="finetune", step=step, writer=writer, generator=generator, pruner=pruner, optimizer=opt, warmup=0,
-                           **ddp)
-        refresh_code_probs(codec, bank)  # the coder's distribution must describe the pruned model's codes
-        metrics["finetune_seconds"] = time.perf_counter() - t0
-        metrics["sparsity_actual"] = pruner.sparsity()["total"]
-        metrics.update(method=p["method"], sparsity=p["sparsity"], schedule=p["schedule"],
-                       label=method_label(p))
-        pruner.finalize()
-    check_weights_agree(codec.model, world, on_disk=f"rank 0's dense.pt in {run_dir}")
-    if not main_rank:
-        return metrics
-    if prune_cfg is not None:
-        final = evaluate(codec, test_utts, test_waves, writer, step, "eval", d.audio_samples)
-        metrics["frame_snr"] = frame_snr_db(codec, test_frames)
-        print(_describe(f"{p['method']} {p['sparsity']}", final), flush=True)
-    elif writer is not None:
-        for k, v in final.items():
-            writer.add_scalar(f"eval/{k}", v, step)
-    metrics.update(final)
-
-    ckpt = run_dir / "model.safetensors"
-    meta = {"recipe": "codec", "model": model_cfg, "lpc": lpc_cfg, "sample_rate": SAMPLE_RATE, "target_dbfs": d.target_dbfs,
-            "metrics": {k: final[k] for k in ("pesq", "snr", "stoi", "bitrate_real")}, "prune": prune_cfg}
-    values_dtype = prune_cfg["values_dtype"] if prune_cfg else "float32"
-    csprune.save_sparse(codec.model, ckpt, values_dtype=values_dtype, meta=meta)
-    dense_bytes = sum(t.numel() * 4 for t in codec.model.state_dict().values() if t.is_floating_point())
-    metrics.update(checkpoint_bytes=ckpt.stat().st_size, dense_bytes=dense_bytes, compression_ratio=dense_bytes / ckpt.stat().st_size,
-                   wall_seconds=time.perf_counter() - wall_start, started_at=started_at, finished_at=time.time(), pid=os.getpid())
-    tblog.log_hparams(writer, container, {k: v for k, v in metrics.items() if k in (
-        "pesq", "snr", "stoi", "bitrate_real", "dense_pesq", "sparsity_actual", "checkpoint_bytes", "compression_ratio")})
-    writer.close()
-    write_json(run_dir / "metrics.json", metrics)
-    print(f"final: PESQ-WB {final['pesq']:.3f} | {final['bitrate_real'] / 1000:.2f} kbit/s | sparsity "
-          f"{metrics.get('sparsity_actual', 0.0):.3f} | checkpoint {metrics['checkpoint_bytes'] / 1024:.1f} KiB "
-          f"({metrics['compression_ratio']:.2f}x smaller than dense fp32) | {run_dir}", flush=True)
-    return metrics
+    if ctx.main_rank:
+        metrics["dense_frame_snr"] = frame_snr_db(job.codec, job.test_frames)  # the model as loaded, before any pruning
+    if ctx.prune is not None:
+        prune_stage(ctx, job, metrics)
+    check_weights_agree(job.codec.model, ctx.world, on_disk=f"rank 0's dense.pt in {ctx.run_dir}")
+    return export_stage(ctx, job, metrics, dense) if ctx.main_rank else metrics
 
 
 def load_codec(ckpt: str) -> SpeechCodec:
