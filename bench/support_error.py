@@ -1,4 +1,4 @@
-"""Relative output error of pruned layers fed with real AN4 features (issue #2, DESIGN §3).
+"""Relative output error of pruned layers fed with real AN4 features (issue #2, docs/design.md §3).
 
 For each layer and sparsity, every method prunes the same weights using Gram
 statistics from AN4 *train* frames; the error ‖X(W − Ŵ)‖²/‖XW‖² is measured on
@@ -43,7 +43,7 @@ def rel_error(x: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer utterances and no reference solvers")
-    ap.add_argument("--train-utts", type=int, default=128, help="utterances for the Gram (DESIGN §3 used 128)")
+    ap.add_argument("--train-utts", type=int, default=128, help="utterances for the Gram (docs/design.md §3 used 128)")
     args = ap.parse_args()
     n_train = 24 if args.quick else args.train_utts
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """csprune: compressed-sensing-based pruning for PyTorch models.
 
-Public API (DESIGN §2)::
+Public API (docs/design.md §2)::
 
     pruner = csprune.Pruner(model, method=csprune.methods.CSP(), schedule=csprune.schedules.Cubic(0.9, 0, 2000, 100))
     csprune.prune_once(model, csprune.methods.Magnitude(), sparsity=0.7)

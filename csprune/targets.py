@@ -3,7 +3,7 @@
 A *target* is one weight tensor of a supported module, addressed by its fully
 qualified name (fqn) such as ``"encoder.layers.0.ffn.1.weight"``. Every method
 and solver works on the target's **row view** ``W ∈ R^{o×n}``: one row per output
-unit, one column per input it reads (DESIGN §3):
+unit, one column per input it reads (docs/design.md §3):
 
 ========================  ==========================  ===========================
 module                    parameter                   row view

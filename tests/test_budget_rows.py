@@ -1,4 +1,4 @@
-"""Budgets never starve a row that magnitude would keep alive (issue #12, defect 3; DESIGN §3).
+"""Budgets never starve a row that magnitude would keep alive (issue #12, defect 3; docs/design.md §3).
 
 A depthwise conv has one small Gram per channel (15 taps here); ranking |w|·√G_jj across the
 whole tensor (scope "layer") used to hand the budget out by each channel's input energy and

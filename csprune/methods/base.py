@@ -1,13 +1,13 @@
 """What every method shares: the per-tensor context, budgets from scores, N:M groups.
 
 A method turns (weights, statistics, budget) into a mask, and optionally new
-values for the kept weights (DESIGN §1). Score-based methods (magnitude, random,
+values for the kept weights (docs/design.md §1). Score-based methods (magnitude, random,
 Wanda) only define :meth:`Method.score`; the pruner ranks scores within a row,
 a tensor or all targets (``scope``) exactly as ``torch.nn.utils.prune`` does.
 CSP also overrides :meth:`Method.select` to choose each row's support with a
 sparse-recovery solver, given the per-row budgets the ranking produced.
 
-Row floor (DESIGN §3: budgets never starve a row that magnitude would keep alive).
+Row floor (docs/design.md §3: budgets never starve a row that magnitude would keep alive).
 At scope "layer" or "global" a data-driven score such as CSP's |w_ij|·√G_jj or
 Wanda's |w_ij|·‖x_j‖ is compared across rows that read different inputs. For a
 grouped or depthwise conv each channel has its own small Gram (e.g. 15 taps), and
@@ -95,7 +95,7 @@ class Method:
     name = "method"
     stats_mode: str | None = None
     train_l1: float = 0.0
-    row_floor: bool = True  # DESIGN §3: budgets never starve a row that magnitude would keep alive
+    row_floor: bool = True  # docs/design.md §3: budgets never starve a row that magnitude would keep alive
 
     def score(self, rows: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """Importance of each weight (higher = keep).

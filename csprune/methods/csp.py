@@ -1,4 +1,4 @@
-"""CSP: compressed-sensing-based pruning (DESIGN §3).
+"""CSP: compressed-sensing-based pruning (docs/design.md §3).
 
 For each row w_i of a target's row view, CSP recovers a sparse θ_i that explains
 the same measurements Φw_i:
@@ -40,7 +40,7 @@ class CSP(Method):
             every gradual step and one-shot up to 50% — else ``omp`` (forward selection of the few
             atoms kept); each is the faster and, in bench/solvers.py, the lower-error one there.
         damping: δ in G + δ·mean(diag G)·I; 1% keeps G well conditioned without
-            changing which weights matter (DESIGN §3 measurements used it).
+            changing which weights matter (docs/design.md §3 measurements used it).
         gaussian_ratio: ρ = m/n for gaussian sensing (0.5: half as many measurements as unknowns).
         train_l1: λ_train of ``Pruner.penalty()``: λ_train·Σ‖W‖₁ over targets, annealed to 0 by
             the end of the schedule (0: off, training is left alone).
@@ -127,7 +127,7 @@ class CSP(Method):
         key = key.masked_fill(~ctx.allowed, -1.0)
         mask = nm_keep(key, *ctx.pattern) if ctx.pattern else rank_keep(key, k_rows)
         values = theta if result.lam is None and torch.equal(mask, theta != 0) else refit(gram, xy, mask)  # l1 θ is shrunk: refit
-        # Safeguard (DESIGN §3: CSP must never lose to magnitude+refit): per row, keep whichever of the
+        # Safeguard (docs/design.md §3: CSP must never lose to magnitude+refit): per row, keep whichever of the
         # solver's support, the top-|w| support and the saliency-ranked support has the lowest error.
         fallbacks = 0
         if self.safeguard is True or (self.safeguard == "auto" and not ctx.gradual):

@@ -1,4 +1,4 @@
-"""Sensing operators: the Gram matrix G = ΦᵀΦ each row is measured with (DESIGN §3).
+"""Sensing operators: the Gram matrix G = ΦᵀΦ each row is measured with (docs/design.md §3).
 
 * ``activations``: Φ = X, the layer's own inputs, G = E[xxᵀ] from the hooks,
   damped ``G + δ·mean(diag G)·I``;
@@ -63,7 +63,7 @@ def sensing_gram(
             diag_mean = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
             eye = torch.eye(n, device=gram.device)
             return (gram + damping * diag_mean.view(-1, 1, 1) * eye).to(device), sensing
-        # DESIGN §3: values solved on a Gaussian Gram are never written into a layer whose activations
+        # docs/design.md §3: values solved on a Gaussian Gram are never written into a layer whose activations
         # exist (measured worse than zeroing the layer); an unobserved tensor is pruned by magnitude.
         if ctx.target.fqn not in _warned:
             _warned.add(ctx.target.fqn)

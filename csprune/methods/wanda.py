@@ -25,7 +25,7 @@ class Wanda(Method):
 
     def __init__(self, *, refit: bool = False, damping: float = 0.01) -> None:
         self.refit = refit
-        self.damping = damping  # 1% diagonal loading, as CSP (DESIGN §3)
+        self.damping = damping  # 1% diagonal loading, as CSP (docs/design.md §3)
         self.stats_mode = "full" if refit else "diag"
 
     def score(self, rows, ctx):

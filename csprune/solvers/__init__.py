@@ -53,7 +53,7 @@ def solve(
     xy: Tensor,
     k: int | Tensor | None = None,
     lam: float | Tensor | None = None,
-    solver: str = "omp",  # greedy l0 recovery: lowest output error in bench/ (see DESIGN §3)
+    solver: str = "omp",  # greedy l0 recovery: lowest output error in bench/ (see docs/design.md §3)
     allowed: Tensor | None = None,  # None: every atom may be selected (one-shot pruning, regrowth)
     **options: Any,
 ) -> SolverResult:

@@ -1,4 +1,4 @@
-"""TensorBoard logging shared by the recipes (DESIGN §7).
+"""TensorBoard logging shared by the recipes (docs/design.md lists the tags).
 
 Tags written here (a test reads them back):
 

@@ -77,7 +77,7 @@ class FbankConfig:
         high_freq: Highest mel filter edge in Hz; <= 0 means Nyquist + high_freq (Kaldi rule).
     """
 
-    num_mel_bins: int = 80  # DESIGN §5: 80-dim fbank, the usual Conformer front end
+    num_mel_bins: int = 80  # 80-dim fbank, the usual Conformer front end
     frame_length_ms: float = 25.0  # standard 25 ms speech window
     frame_shift_ms: float = 10.0  # standard 10 ms hop (100 frames/s)
     sample_rate: int = 16000  # AN4 is recorded at 16 kHz

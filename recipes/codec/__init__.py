@@ -1,4 +1,4 @@
-"""CMRL neural speech codec recipe (DESIGN §5): cascaded Kankanahalli-Net modules on AN4 audio.
+"""CMRL neural speech codec recipe: cascaded Kankanahalli-Net modules on AN4 audio.
 
 Modules:
     model: ``CMRL``, ``CodecModule``, ``SoftToHardQuantizer``.
