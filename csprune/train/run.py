@@ -17,7 +17,7 @@ import torch
 
 from ..pruner import Pruner
 
-__all__ = ["calibrate", "seed_everything", "write_json", "launch", "RunContext", "start_run", "prune_oneshot",
+__all__ = ["calibrate", "seed_everything", "write_json", "launch", "RunContext", "start_run", "saved_so_far", "prune_oneshot",
            "finish_pruning", "export_run"]
 
 
@@ -147,6 +147,15 @@ def start_run(cfg: Any, config: dict, run_dir: Path) -> RunContext:
         tblog.log_config(writer, config)
     seed_everything(cfg.seed)
     return RunContext(cfg, config, prune, run_dir, rank, world, device, writer, wall_start, started_at)
+
+
+def saved_so_far(ctx: RunContext) -> str:
+    """What rank 0 has written into the run folder that a later failure leaves intact (for error messages)."""
+    found = [name for name in ("dense.pt",) if (ctx.run_dir / name).is_file()]
+    ckpts = sorted((ctx.run_dir / "checkpoints").glob("ckpt-*.pt")) if (ctx.run_dir / "checkpoints").is_dir() else []
+    if ckpts:
+        found.append(f"the training checkpoint {ckpts[-1].name}")
+    return f"rank 0's {' and '.join(found)} in {ctx.run_dir}" if found else ""
 
 
 def prune_oneshot(ctx: RunContext, pruner: Pruner, model: torch.nn.Module, batches, forward: Callable[[Any], Any],

@@ -31,7 +31,7 @@ from csprune.train.checkpoint import check_compatible, compat_record, find_resum
 from csprune.train.config import build_pruner
 from csprune.train.ddp import check_weights_agree, wrap_ddp
 from csprune.train.loop import fit, fit_config, warmup_cosine
-from csprune.train.run import RunContext, export_run, finish_pruning, launch, prune_oneshot, start_run
+from csprune.train.run import RunContext, export_run, finish_pruning, launch, prune_oneshot, saved_so_far, start_run
 from recipes.hydra_run import run_dir
 from recipes.asr.config import register_configs
 from recipes.asr.data import ASRBatch, AN4Dataset, LengthBucketBatchSampler, collate_asr, default_an4_root, read_an4_split
@@ -347,7 +347,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if ctx.prune is not None:
         prune_stage(ctx, job, metrics, dense)
-    check_weights_agree(job.model, ctx.world, on_disk=f"rank 0's dense.pt and training checkpoints in {ctx.run_dir}")
+    check_weights_agree(job.model, ctx.world, on_disk=saved_so_far(ctx))
     return export_stage(ctx, job, metrics) if ctx.main_rank else metrics
 
 

@@ -35,7 +35,7 @@ from csprune.train.checkpoint import load_checkpoint, save_checkpoint
 from csprune.train.config import build_pruner
 from csprune.train.ddp import check_weights_agree, wrap_ddp
 from csprune.train.loop import fit, fit_config, warmup_cosine
-from csprune.train.run import RunContext, export_run, finish_pruning, launch, prune_oneshot, start_run
+from csprune.train.run import RunContext, export_run, finish_pruning, launch, prune_oneshot, saved_so_far, start_run
 from recipes.hydra_run import run_dir
 from recipes.codec.codec import CodedUtterance, SpeechCodec
 from recipes.codec.config import register_configs
@@ -360,7 +360,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics["dense_frame_snr"] = frame_snr_db(job.codec, job.test_frames)  # the model as loaded, before any pruning
     if ctx.prune is not None:
         prune_stage(ctx, job, metrics)
-    check_weights_agree(job.codec.model, ctx.world, on_disk=f"rank 0's dense.pt in {ctx.run_dir}")
+    check_weights_agree(job.codec.model, ctx.world, on_disk=saved_so_far(ctx))
     return export_stage(ctx, job, metrics, dense) if ctx.main_rank else metrics
 
 
