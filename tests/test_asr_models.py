@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torchaudio
 from torch import nn
 
 from recipes.asr.models import MODELS, ConformerCTC, LSTMRNNT, build_model, count_parameters
@@ -111,3 +112,85 @@ def test_build_model_errors_and_defaults():
         build_model("lstm_rnnt", VOCAB, num_heads=4)
     assert 2_000_000 < count_parameters(ConformerCTC(VOCAB)) < 3_000_000
     assert 1_500_000 < count_parameters(LSTMRNNT(VOCAB)) < 3_000_000
+
+
+def _reference_greedy(model: LSTMRNNT, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[list[int]]:
+    """Unbatched textbook RNN-T greedy search, one utterance at a time (no padding at all)."""
+    hyps = []
+    with torch.no_grad():
+        for index in range(feats.shape[0]):
+            length = int(feat_lens[index])
+            enc, enc_lens = model.transcribe(feats[index : index + 1, :length], feat_lens[index : index + 1])
+            one = torch.ones(1, dtype=torch.long)
+            pred, _, state = model.predict(torch.zeros(1, 1, dtype=torch.long), one, None)
+            hyp = []
+            for step in range(int(enc_lens[0])):
+                for _ in range(model.max_symbols_per_frame):
+                    logits, _, _ = model.join(enc[:, step : step + 1], one, pred, one)
+                    best = int(logits[0, 0, 0].argmax())
+                    if best == 0:
+                        break
+                    hyp.append(best)
+                    pred, _, state = model.predict(torch.tensor([[best]]), one, state)
+            hyps.append(hyp)
+    return hyps
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rnnt_batched_greedy_matches_unbatched_reference(seed):
+    torch.manual_seed(seed)
+    model = build_model("lstm_rnnt", VOCAB, **TINY["lstm_rnnt"], max_symbols_per_frame=3).eval()
+    with torch.no_grad():  # sharper, blank-leaning joiner: a mix of blanks and (repeated) emissions
+        model.joiner.output.weight.mul_(4.0)
+        model.joiner.output.bias[0] += 1.0
+    feats, feat_lens, _, _ = _batch(seed)
+    hyps = model.greedy_decode(feats, feat_lens)
+    assert hyps == _reference_greedy(model, feats, feat_lens)
+    assert all(0 < len(h) < 3 * n for h, n in zip(hyps, [16, 12, 9]))  # emissions and blanks on every utterance
+
+
+def test_rnnt_transcriber_is_causal():
+    model = _tiny("lstm_rnnt").eval()
+    feats, feat_lens, _, _ = _batch()
+    enc, _ = model.transcribe(feats, feat_lens)
+    changed = feats.clone()
+    changed[:, 40:] = torch.randn_like(changed[:, 40:])  # frames 40.. = encoder steps 10..
+    enc_changed, _ = model.transcribe(changed, feat_lens)
+    assert torch.allclose(enc[:, :10], enc_changed[:, :10], atol=1e-6)
+    assert not torch.allclose(enc[:, 10:], enc_changed[:, 10:])
+
+
+def test_rnnt_loss_terms_and_padding():
+    feats, feat_lens, tokens, token_lens = _batch()
+    torch.manual_seed(0)
+    plain = build_model("lstm_rnnt", VOCAB, **{**TINY["lstm_rnnt"], "ctc_weight": 0.0}).eval()
+    assert plain.ctc_output is None
+    logits, out_lens, _, _ = plain(feats, feat_lens, tokens, token_lens)
+    expected = torchaudio.functional.rnnt_loss(logits, tokens.int(), out_lens.int(), token_lens.int(), blank=0, reduction="mean")
+    assert torch.allclose(plain.loss(feats, feat_lens, tokens, token_lens), expected)
+    wide = torch.cat([tokens, torch.zeros(3, 4, dtype=torch.long)], 1)  # more blank padding than the longest target
+    assert torch.allclose(plain.loss(feats, feat_lens, wide, token_lens), expected)
+    with_ctc = build_model("lstm_rnnt", VOCAB, **{**TINY["lstm_rnnt"], "ctc_weight": 0.5}).eval()
+    with_ctc.load_state_dict(plain.state_dict(), strict=False)
+    enc, enc_lens = with_ctc.transcribe(feats, feat_lens)
+    log_probs = with_ctc.ctc_output(enc).log_softmax(-1).transpose(0, 1)
+    ctc = torch.nn.functional.ctc_loss(log_probs, tokens, enc_lens, token_lens, reduction="sum", zero_infinity=True) / 3
+    assert torch.allclose(with_ctc.loss(feats, feat_lens, tokens, token_lens), expected + 0.5 * ctc)
+    with pytest.raises(ValueError, match="ctc_weight"):
+        build_model("lstm_rnnt", VOCAB, ctc_weight=-1.0)
+
+
+def test_rnnt_overfit_batch_decodes_its_targets():
+    """Loss and decoding agree: a model overfit on a few utterances greedy-decodes their targets."""
+    torch.manual_seed(0)
+    model = build_model("lstm_rnnt", VOCAB, **TINY["lstm_rnnt"])
+    feats, feat_lens, tokens, token_lens = _batch(seed=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        loss = model.loss(feats, feat_lens, tokens, token_lens)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    targets = [tokens[i, : int(n)].tolist() for i, n in enumerate(token_lens)]
+    assert model.greedy_decode(feats, feat_lens) == targets, loss.item()

@@ -51,8 +51,10 @@ class LSTMRNNTConfig:
     embedding_dim: int = 64  # 29 symbols need no larger embedding
     predictor_hidden_dim: int = 256  # matches the encoder
     predictor_layers: int = 1  # short character context
-    joint_dim: int = 256  # matches the LSTM widths
+    joint_dim: int = 128  # the joiner is most of a step's time; 128 cuts a step from 0.24 to 0.16 s, 29 outputs need no more
     dropout: float = 0.1  # light regularization for a small corpus
+    layer_norm: bool = True  # LayerNorm after every transcriber layer: without it the transcriber learns too slowly and the transducer collapses onto its predictor
+    ctc_weight: float = 0.3  # auxiliary CTC on the transcriber (ESPnet's usual 0.3): aligns it to the audio early
 
 
 @dataclass

@@ -186,18 +186,23 @@ class ConformerCTC(nn.Module):
 
 
 class LSTMTranscriber(nn.Module):
-    """RNN-T transcription network: stack ``time_reduction`` frames -> ``nn.LSTM`` -> Linear.
+    """RNN-T transcription network: stack ``time_reduction`` frames -> Linear + LayerNorm ->
+    ``num_layers`` x (``nn.LSTM`` -> LayerNorm -> dropout) -> Linear.
 
-    Implements torchaudio's transcriber interface (``forward(input, lengths)``).
+    Implements torchaudio's transcriber interface (``forward(input, lengths)``). The LayerNorms
+    act on each frame alone, so a unidirectional transcriber stays causal (streamable).
 
     Args:
         input_dim: Feature dim.
-        hidden_dim: LSTM hidden size (per direction).
-        num_layers: LSTM layers.
+        hidden_dim: Width of the input projection and LSTM hidden size (per direction).
+        num_layers: LSTM layers (one ``nn.LSTM`` each, so a LayerNorm can follow every layer).
         output_dim: Encoding size fed to the joiner.
         time_reduction: Frames stacked into one (x4: 40 ms per encoder step).
-        dropout: Dropout between LSTM layers and on the output.
+        dropout: Dropout after every LSTM layer (so also on the output).
         bidirectional: Bidirectional LSTM (not streamable; packs the padded batch).
+        layer_norm: LayerNorm after the input projection and after every LSTM layer. Without it the
+            unidirectional LSTM stack learns the acoustics so slowly on AN4 that the transducer
+            collapses onto its predictor (a character LM that ignores the audio).
     """
 
     def __init__(
@@ -209,20 +214,23 @@ class LSTMTranscriber(nn.Module):
         time_reduction: int = 4,
         dropout: float = 0.1,
         bidirectional: bool = False,
+        layer_norm: bool = True,
     ) -> None:
         super().__init__()
+        if time_reduction < 1 or num_layers < 1:
+            raise ValueError(f"LSTMTranscriber: need time_reduction >= 1 and num_layers >= 1, got {time_reduction}, {num_layers}")
         self.time_reduction = time_reduction
         self.bidirectional = bidirectional
-        self.lstm = nn.LSTM(
-            input_dim * time_reduction,
-            hidden_dim,
-            num_layers=num_layers,
-            batch_first=True,
-            dropout=dropout if num_layers > 1 else 0.0,
-            bidirectional=bidirectional,
+        width = hidden_dim * (2 if bidirectional else 1)
+        self.input_proj = nn.Linear(input_dim * time_reduction, hidden_dim)
+        self.input_norm = nn.LayerNorm(hidden_dim) if layer_norm else nn.Identity()
+        self.lstms = nn.ModuleList(
+            nn.LSTM(hidden_dim if index == 0 else width, hidden_dim, batch_first=True, bidirectional=bidirectional)
+            for index in range(num_layers)
         )
+        self.norms = nn.ModuleList(nn.LayerNorm(width) if layer_norm else nn.Identity() for _ in range(num_layers))
         self.dropout = nn.Dropout(dropout)
-        self.output = nn.Linear(hidden_dim * (2 if bidirectional else 1), output_dim)
+        self.output = nn.Linear(width, output_dim)
 
     def forward(self, input: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: input ``[B, T, F]``, lengths ``[B]``.
@@ -234,13 +242,16 @@ class LSTMTranscriber(nn.Module):
         steps = frames // self.time_reduction
         x = input[:, : steps * self.time_reduction].reshape(batch, steps, dim * self.time_reduction)
         out_lens = torch.div(lengths, self.time_reduction, rounding_mode="floor").clamp(min=1, max=max(steps, 1))
-        if self.bidirectional:
-            packed = nn.utils.rnn.pack_padded_sequence(x, out_lens.cpu(), batch_first=True, enforce_sorted=False)
-            x, _ = self.lstm(packed)
-            x, _ = nn.utils.rnn.pad_packed_sequence(x, batch_first=True, total_length=steps)
-        else:  # causal: padding after an utterance cannot change its valid outputs
-            x, _ = self.lstm(x)
-        return self.output(self.dropout(x)), out_lens
+        x = self.input_norm(self.input_proj(x))
+        for lstm, norm in zip(self.lstms, self.norms):
+            if self.bidirectional:
+                packed = nn.utils.rnn.pack_padded_sequence(x, out_lens.cpu(), batch_first=True, enforce_sorted=False)
+                x, _ = lstm(packed)
+                x, _ = nn.utils.rnn.pad_packed_sequence(x, batch_first=True, total_length=steps)
+            else:  # causal: padding after an utterance cannot change its valid outputs
+                x, _ = lstm(x)
+            x = self.dropout(norm(x))
+        return self.output(x), out_lens
 
     def infer(self, input: torch.Tensor, lengths: torch.Tensor, states: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Streaming inference is not implemented; use ``forward``."""
@@ -318,7 +329,8 @@ class RNNTJoiner(nn.Module):
 
 class LSTMRNNT(torchaudio.models.RNNT):
     """LSTM transducer: ``torchaudio.models.RNNT`` with an LSTM transcriber (after x4 time
-    reduction), an LSTM predictor and a tanh joiner; ``torchaudio.functional.rnnt_loss``.
+    reduction, LayerNorm after every layer), an LSTM predictor and a tanh joiner;
+    ``torchaudio.functional.rnnt_loss`` plus an auxiliary CTC loss on the transcriber.
 
     Defaults give about 2.1M parameters.
 
@@ -335,6 +347,10 @@ class LSTMRNNT(torchaudio.models.RNNT):
         joint_dim: Size of both encodings entering the joiner.
         dropout: Dropout in transcriber and predictor.
         max_symbols_per_frame: Greedy decoding emits at most this many tokens per encoder step.
+        layer_norm: LayerNorms in the transcriber (see ``LSTMTranscriber``).
+        ctc_weight: Weight of an auxiliary CTC loss on the transcriber encodings (a Linear head
+            used by ``loss`` only; 0 drops the head). It makes the transcriber align characters to
+            the audio early, so the predictor cannot carry the transducer alone.
     """
 
     def __init__(
@@ -348,16 +364,22 @@ class LSTMRNNT(torchaudio.models.RNNT):
         embedding_dim: int = 64,  # 29 characters need no larger embedding
         predictor_hidden_dim: int = 256,  # matches the encoder
         predictor_layers: int = 1,  # character LM context is short; one layer is standard
-        joint_dim: int = 256,  # matches the LSTM widths
+        joint_dim: int = 128,  # the joiner ([B, T, U, joint_dim]) is most of a step's time: 128 vs 256 cuts a step by a third
         dropout: float = 0.1,  # light regularization for a small corpus
         max_symbols_per_frame: int = 5,  # a 40 ms step rarely holds more than 2 characters; bounds loops
+        layer_norm: bool = True,  # AN4, 10 epochs, no SpecAugment: without it CTC-only WER 0.58 (vs 0.23), transducer 0.95 (vs 0.23)
+        ctc_weight: float = 0.3,  # ESPnet-style auxiliary CTC; AN4, 10 epochs, no SpecAugment: WER 0.228 -> 0.211, CER 0.172 -> 0.139
     ) -> None:
-        transcriber = LSTMTranscriber(input_dim, encoder_hidden_dim, encoder_layers, joint_dim, time_reduction, dropout, bidirectional)
+        if ctc_weight < 0:
+            raise ValueError(f"LSTMRNNT: ctc_weight must be >= 0, got {ctc_weight}")
+        transcriber = LSTMTranscriber(input_dim, encoder_hidden_dim, encoder_layers, joint_dim, time_reduction, dropout, bidirectional, layer_norm)
         predictor = LSTMPredictor(vocab_size, embedding_dim, predictor_hidden_dim, predictor_layers, joint_dim, dropout)
         joiner = RNNTJoiner(joint_dim, vocab_size)
         super().__init__(transcriber, predictor, joiner)
         self.vocab_size = vocab_size
         self.max_symbols_per_frame = max_symbols_per_frame
+        self.ctc_weight = ctc_weight
+        self.ctc_output = nn.Linear(joint_dim, vocab_size) if ctc_weight > 0 else None
 
     @staticmethod
     def _prepend_blank(tokens: torch.Tensor) -> torch.Tensor:
@@ -387,7 +409,9 @@ class LSTMRNNT(torchaudio.models.RNNT):
 
     def loss(self, feats: torch.Tensor, feat_lens: torch.Tensor, tokens: torch.Tensor, token_lens: torch.Tensor) -> torch.Tensor:
         """RNN-T loss (blank 0), summed over each utterance's alignment lattice and averaged over
-        the batch (``torchaudio.functional.rnnt_loss(reduction="mean")``).
+        the batch (``torchaudio.functional.rnnt_loss(reduction="mean")``), plus ``ctc_weight`` x
+        the CTC loss of the transcriber encodings, normalized the same way (summed per utterance,
+        averaged over the batch).
 
         Args:
             feats: ``[B, T, F]``; feat_lens: ``[B]``; tokens: ``[B, U]``; token_lens: ``[B]``.
@@ -395,16 +419,24 @@ class LSTMRNNT(torchaudio.models.RNNT):
         Returns:
             Scalar loss.
         """
-        logits, out_lens, _, _ = self(feats, feat_lens, tokens, token_lens)
         max_tokens = int(token_lens.max()) if token_lens.numel() else 0
-        return torchaudio.functional.rnnt_loss(
-            logits[:, :, : max_tokens + 1],
-            tokens[:, :max_tokens].int().contiguous(),
-            out_lens.int(),
+        tokens = tokens[:, :max_tokens]
+        enc, enc_lens = self.transcribe(feats, feat_lens)
+        pred, _, _ = self.predict(self._prepend_blank(tokens), token_lens + 1, None)
+        logits, _, _ = self.join(enc, enc_lens, pred, token_lens + 1)
+        loss = torchaudio.functional.rnnt_loss(
+            logits.contiguous(),
+            tokens.int().contiguous(),
+            enc_lens.int(),
             token_lens.int(),
             blank=BLANK_ID,
             reduction="mean",
         )
+        if self.ctc_output is not None:
+            log_probs = F.log_softmax(self.ctc_output(enc), dim=-1).transpose(0, 1)
+            ctc = F.ctc_loss(log_probs, tokens, enc_lens, token_lens, blank=BLANK_ID, reduction="sum", zero_infinity=True)
+            loss = loss + self.ctc_weight * ctc / max(tokens.shape[0], 1)
+        return loss
 
     @torch.no_grad()
     def greedy_decode(self, feats: torch.Tensor, feat_lens: torch.Tensor) -> list[list[int]]:
