@@ -3,8 +3,9 @@
 #
 #   scripts/asr_experiments.sh STAGE DENSE_PT OUT_DIR
 #
-# STAGE: tune  — fine-tuning LR / warm-up / ramp sweep at 0.7, seed 0, for every method
+# STAGE: tune, tune2 — fine-tuning LR / warm-up / ℓ1 sweep at 0.7, seed 0, for every method
 #        main  — every method at 0.5 (seed 0) and 0.7 / 0.9 (seeds 0, 1, 2) with the tuned settings
+#                (METHODS="magnitude gmp csp csp_cubic" runs a subset, as for the LSTM RNN-T)
 # Every run starts from the same DENSE_PT (init_from) and fine-tunes the same number of steps
 # (prune.finetune_epochs) with AdamW and the same warm-up + cosine schedule; two jobs run at once with
 # one thread each (hydra/launcher=local_parallel). Settings for `main` are read from the environment
@@ -17,6 +18,7 @@ PY=${PY:-.venv/bin/python}
 common=(recipes/asr/run.py -m hydra/launcher=local_parallel trainer.threads=1 "init_from=$dense"
         "prune.finetune_epochs=choice(${FT_EPOCHS:-2})")
 one() { echo "choice($1)"; }
+want() { [[ " ${METHODS:-magnitude wanda gmp csp csp_cubic} " == *" $1 "* ]]; }  # METHODS: the main stage's subset
 
 case "$stage" in
 tune)
@@ -45,19 +47,19 @@ tune2)
 main)
   for spec in ${MAIN_BLOCKS:-"0.5:0" "0.7,0.9:0,1,2"}; do
     sp=${spec%%:*} seeds=${spec##*:} tag=${spec%%:*}; tag=${tag//,/_}  # a comma in a path would read as a Hydra sweep
-    "$PY" "${common[@]}" +prune=magnitude "prune.sparsity=choice($sp)" "seed=$seeds" \
+    want magnitude && "$PY" "${common[@]}" +prune=magnitude "prune.sparsity=choice($sp)" "seed=$seeds" \
       "prune.finetune_lr=$(one "${MAG_LR:-1e-3}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
       "hydra.sweep.dir=$out/main_magnitude_$tag"
-    "$PY" "${common[@]}" +prune=wanda "prune.sparsity=choice($sp)" "seed=$seeds" "prune.refit=choice(false,true)" \
+    want wanda && "$PY" "${common[@]}" +prune=wanda "prune.sparsity=choice($sp)" "seed=$seeds" "prune.refit=choice(false,true)" \
       "prune.finetune_lr=$(one "${MAG_LR:-1e-3}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
       "hydra.sweep.dir=$out/main_wanda_$tag"
-    "$PY" "${common[@]}" +prune=gmp "prune.sparsity=choice($sp)" "seed=$seeds" "prune.ramp_epochs=$(one "${GMP_RAMP:-1}")" \
+    want gmp && "$PY" "${common[@]}" +prune=gmp "prune.sparsity=choice($sp)" "seed=$seeds" "prune.ramp_epochs=$(one "${GMP_RAMP:-1}")" \
       "prune.frequency=$(one 10)" "prune.finetune_lr=$(one "${GMP_LR:-1e-3}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
       "hydra.sweep.dir=$out/main_gmp_$tag"
-    "$PY" "${common[@]}" +prune=csp "prune.sparsity=choice($sp)" "seed=$seeds" \
+    want csp && "$PY" "${common[@]}" +prune=csp "prune.sparsity=choice($sp)" "seed=$seeds" \
       "prune.finetune_lr=$(one "${CSP_LR:-1e-3}")" "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" \
       "hydra.sweep.dir=$out/main_csp_$tag"
-    "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=choice($sp)" "seed=$seeds" \
+    want csp_cubic && "$PY" "${common[@]}" +prune=csp "prune.schedule=$(one cubic)" "prune.sparsity=choice($sp)" "seed=$seeds" \
       "prune.ramp_epochs=$(one "${CSP_RAMP:-1}")" "prune.frequency=$(one 15)" "prune.stats_steps=$(one 4)" \
       "prune.train_l1=$(one "${CSP_L1:-0}")" "prune.finetune_lr=$(one "${CSP_CUBIC_LR:-1e-3}")" \
       "prune.finetune_warmup_steps=$(one "${WARMUP:-30}")" "hydra.sweep.dir=$out/main_csp_cubic_$tag"
