@@ -114,8 +114,8 @@ def _eliminate(inv: Tensor, theta: Tensor, active: Tensor, remove: Tensor, round
             rhs = torch.linalg.solve(hqq, torch.cat([th_q.unsqueeze(2), cols.mT], dim=2))
         else:
             rhs = torch.cholesky_solve(torch.cat([th_q.unsqueeze(2), cols.mT], dim=2), chol)
-        theta -= (cols @ rhs[:, :, :1]).squeeze(2)
-        inv -= cols @ rhs[:, :, 1:]
+        theta.unsqueeze(2).baddbmm_(cols, rhs[:, :, :1], alpha=-1.0)
+        inv.baddbmm_(cols, rhs[:, :, 1:], alpha=-1.0)  # in place: one pass over the [b, m, m] inverses a round
         gone = torch.zeros_like(active).scatter_(1, sel, use)
         active &= ~gone
         # The update leaves the removed rows and columns of H at zero up to rounding (H_Q: − H_QQ·H_QQ⁻¹·H_Q:);
