@@ -10,6 +10,8 @@ from typing import Iterable
 
 import torch
 
+from .errors import DistributedError
+
 __all__ = ["is_distributed", "checksum", "assert_same_on_ranks"]
 
 
@@ -37,4 +39,4 @@ def assert_same_on_ranks(value: torch.Tensor, what: str) -> None:
     dist.all_gather(gathered, mine)
     bad = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
     if bad:
-        raise RuntimeError(f"DDP: {what} of ranks {bad} differ from rank 0's (checksums {[g.tolist() for g in gathered]})")
+        raise DistributedError(f"DDP: {what} of ranks {bad} differ from rank 0's (checksums {[g.tolist() for g in gathered]})")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["CsPruneError", "ConfigError", "CheckpointError", "DataError", "WriteError"]
+__all__ = ["CsPruneError", "ConfigError", "CheckpointError", "CheckpointNotFound", "DataError", "DistributedError",
+           "NumericalError", "WriteError"]
 
 
 class CsPruneError(Exception):
@@ -11,6 +12,14 @@ class CsPruneError(Exception):
 
 class ConfigError(CsPruneError, ValueError):
     """A configuration value is out of range or names nothing known; the message names the key."""
+
+
+class NumericalError(CsPruneError, FloatingPointError):
+    """A weight or a statistic holds NaN/Inf; the message names the tensor. Nothing was changed."""
+
+
+class DistributedError(CsPruneError, RuntimeError):
+    """DDP ranks disagree on something that must be identical (masks, final weights); names what differs."""
 
 
 class DataError(CsPruneError, ValueError):
@@ -49,3 +58,7 @@ class WriteError(CsPruneError, OSError):
         super().__init__(f"{path}: {message}")
         self.path = str(path)
         self.errno = errno
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """A resume was asked for (``trainer.resume=true``) but the folder holds no readable checkpoint."""

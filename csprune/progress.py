@@ -12,7 +12,7 @@ def is_tty() -> bool:
     return sys.stdout.isatty()
 
 
-def progress(iterable: Iterable, desc: str, total: int | None = None):
+def progress(iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
     """tqdm bar on a terminal; the iterable unchanged otherwise (callers print one line per stage)."""
     if not is_tty():
         return iterable

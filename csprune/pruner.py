@@ -33,6 +33,7 @@ from .methods.base import LayerContext, Method, Selection, keep_from_scores, nm_
 from .schedules import OneShot, Schedule
 from .stats import InputStats
 from .targets import Target, TargetSpec, find_targets
+from .errors import ConfigError, NumericalError
 
 __all__ = ["Pruner", "prune_once", "SCOPES"]
 
@@ -88,16 +89,16 @@ class Pruner:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule: expected a csprune.schedules schedule, got {type(schedule).__name__}")
         if scope not in SCOPES:
-            raise ValueError(f"scope={scope!r}: expected one of {SCOPES}")
+            raise ConfigError(f"scope={scope!r}: expected one of {SCOPES}")
         if stats_steps < 1:
-            raise ValueError(f"stats_steps={stats_steps}: must be >= 1")
+            raise ConfigError(f"stats_steps={stats_steps}: must be >= 1")
         self.pattern = parse_pattern(pattern)
         self.targets: list[Target] = find_targets(model, targets, exclude)
         if self.pattern:
             for t in self.targets:
                 n = t.row_shape[1]
                 if n % self.pattern[1]:
-                    raise ValueError(f"pattern={pattern!r}: {t.fqn} has rows of width {n}, not divisible by {self.pattern[1]}")
+                    raise ConfigError(f"pattern={pattern!r}: {t.fqn} has rows of width {n}, not divisible by {self.pattern[1]}")
         self.model = model
         self.method = method
         self.schedule = schedule
@@ -184,7 +185,7 @@ class Pruner:
     def prune_to(self, sparsity: float) -> dict:
         """Recompute masks now for ``sparsity`` (outside the schedule), e.g. after calibration."""
         if not 0.0 <= sparsity < 1.0 or math.isnan(sparsity):
-            raise ValueError(f"sparsity={sparsity!r}: must lie in [0, 1)")
+            raise ConfigError(f"sparsity={sparsity!r}: must lie in [0, 1)")
         report = self._prune(sparsity)
         if self.stats is not None:
             self.stats.reset()
@@ -205,7 +206,7 @@ class Pruner:
         for t, view in zip(self.targets, self._views):
             w = view.rows(t.weight.detach())
             if not torch.isfinite(w).all():
-                raise FloatingPointError(f"weight {t.fqn} contains NaN/Inf; not pruning")
+                raise NumericalError(f"weight {t.fqn} contains NaN/Inf; not pruning")
             allowed = torch.ones_like(w, dtype=torch.bool) if self.regrow else view.rows(M.get_mask(t.module, t.param_name))
             rows.append(w)
             contexts.append(LayerContext(view, self.stats, self._step, allowed, self.pattern, self._method_state[t.fqn],
@@ -423,7 +424,7 @@ def prune_once(
     """
     schedule = OneShot(sparsity)  # validates sparsity before anything is touched
     if method.stats_mode is not None and calib is None:
-        raise ValueError(f"calib: {method!r} needs calibration inputs (an iterable of model-input tuples)")
+        raise ConfigError(f"calib: {method!r} needs calibration inputs (an iterable of model-input tuples)")
     pruner = Pruner(model, method, schedule, targets=targets, exclude=exclude, scope=scope, pattern=pattern,
                     max_gram_bytes=max_gram_bytes)
     if pruner.stats is not None:

@@ -22,13 +22,14 @@ all-reduced (:meth:`InputStats.all_reduce`) so every rank computes the same mask
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .targets import Target
+from .errors import NumericalError
 
 __all__ = ["InputStats", "gram_block_size", "attention_heads"]
 
@@ -294,7 +295,7 @@ class InputStats:
         t0 = targets[0]
         if t0.kind == "linear":
 
-            def linear_hook(mod, args, kwargs):
+            def linear_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
                 if self.enabled and args:
                     x = args[0]
                     x = cap(x.reshape(-1, x.shape[-1]))
@@ -303,7 +304,7 @@ class InputStats:
             return linear_hook, "pre"
         if t0.kind == "conv":
 
-            def conv_hook(mod, args, kwargs):
+            def conv_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
                 if self.enabled and args:
                     patches = cap(_conv_patches(mod, args[0]))
                     self._acc_for(t0, patches.shape[-1], patches.device).add(patches)
@@ -311,7 +312,7 @@ class InputStats:
             return conv_hook, "pre"
         if t0.kind.startswith("mha"):
 
-            def mha_hook(mod, args, kwargs):
+            def mha_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
                 if not self.enabled:
                     return
                 names = ("query", "key", "value")
@@ -356,7 +357,7 @@ class InputStats:
             if not observable:
                 return None
 
-            def rnn_hook(mod, args, kwargs, output):
+            def rnn_hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
                 if not self.enabled or not args:
                     return
                 x_in = args[0]
@@ -389,7 +390,7 @@ class InputStats:
         if acc is None or not bool((acc.count > 0).all()):
             return None
         if not torch.isfinite(acc.sum).all():
-            raise FloatingPointError(f"input statistics of {target.fqn} contain NaN/Inf (non-finite activations)")
+            raise NumericalError(f"input statistics of {target.fqn} contain NaN/Inf (non-finite activations)")
         shape = (-1,) + (1,) * (acc.sum.dim() - 1)
         return (acc.sum / acc.per_row_group_count().view(shape)).float()
 
@@ -418,7 +419,7 @@ class InputStats:
         """Bytes held by the accumulators (reported; bounded by the targets' widths and ``max_gram_bytes``)."""
         return sum(a.sum.numel() * a.sum.element_size() + a.count.numel() * 8 for a in self._acc.values())
 
-    def all_reduce(self, group=None, bucket_bytes: int = 64 << 20) -> None:
+    def all_reduce(self, group: Any = None, bucket_bytes: int = 64 << 20) -> None:
         """Sum statistics over DDP ranks (no-op unless torch.distributed is initialized).
 
         Two collectives in the common case: one all_reduce of a presence vector (so a rank that

@@ -36,6 +36,8 @@ from typing import Iterable, Sequence, Union
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 __all__ = ["Target", "TargetSpec", "find_targets", "candidate_targets"]
 
 TargetSpec = Union[str, type]
@@ -206,7 +208,7 @@ def find_targets(
         targets = list(targets)
         for spec in targets:
             if not any(_spec_matches(spec, t) for t in candidates):
-                raise ValueError(
+                raise ConfigError(
                     f"targets: {spec!r} matches no prunable tensor of {type(model).__name__} "
                     f"(prunable: {_preview([t.fqn for t in candidates])})"
                 )
@@ -222,10 +224,10 @@ def find_targets(
                 fnmatch.fnmatchcase(p, spec) for p in all_params
             )
             if not hits_param and not any(_spec_matches(spec, t) for t in candidates):
-                raise ValueError(f"exclude: {spec!r} matches no parameter of {type(model).__name__}")
+                raise ConfigError(f"exclude: {spec!r} matches no parameter of {type(model).__name__}")
         selected = [t for t in selected if not any(_spec_matches(s, t) for s in exclude)]
     if not selected:
-        raise ValueError(
+        raise ConfigError(
             f"no prunable tensor in {type(model).__name__} for targets={targets!r}, exclude={exclude!r} "
             "(supported: Linear, Conv1d/2d, ConvTranspose1d, LSTM/GRU/RNN, MultiheadAttention, Embedding)"
         )

@@ -131,3 +131,22 @@ def test_a_misspelled_solver_option_fails_at_validation_naming_it():
     with pytest.raises(ConfigError, match=r"keys are solver names"):
         validate_prune_config({"sparsity": 0.5, "solver": "auto", "solver_options": {"rounds": 2}})
     validate_prune_config({"sparsity": 0.5, "solver": "auto", "solver_options": {"obs": {"rounds": 2}}})
+
+
+def test_solver_tiers_run_upward_kernel_function_class():
+    """Each solver module's class calls its own function tier (after the shared checks), never ``solve``
+    back from the package; and gives what ``solve`` gives."""
+    import torch
+
+    from csprune.solvers import FISTA, OBS, OMP, SparseGPT, solve
+
+    for module in ("omp", "obs", "sparsegpt", "fista"):
+        names = _imports(REPO / f"csprune/solvers/{module}.py")
+        assert "csprune.solvers.solve" not in names, module
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=gen, dtype=torch.float64)
+    gram = x.T @ x / 200 + 0.01 * torch.eye(12, dtype=torch.float64)
+    xy = torch.randn(5, 12, generator=gen, dtype=torch.float64) @ gram
+    for cls, name in ((OMP, "omp"), (OBS, "obs"), (SparseGPT, "sparsegpt")):
+        torch.testing.assert_close(cls()(gram, xy, 4).coef, solve(gram, xy, k=4, solver=name).coef)
+    torch.testing.assert_close(FISTA()(gram, xy, k=4).coef, solve(gram, xy, k=4, solver="fista").coef)

@@ -77,7 +77,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -459,7 +459,7 @@ def _write_safetensors(path: Path, entries: list[tuple[str, str, list[int], np.n
         raise AssertionError("header digest placeholder not unique")
     prefix = prefix.replace(placeholder, _placeholder_field(_digest(prefix)))
 
-    def write(out) -> None:
+    def write(out: BinaryIO) -> None:
         out.write(prefix)
         for _, _, _, data in entries:
             out.write(memoryview(np.ascontiguousarray(data)).cast("B"))

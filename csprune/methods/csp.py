@@ -92,14 +92,14 @@ class CSP(Method):
             ctx.state["_gram"] = cached
         return cached[0], cached[1]
 
-    def score(self, rows, ctx):
+    def score(self, rows: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         gram, _ = self._gram(rows, ctx)
         g = gram.shape[0]
         o, n = rows.shape
         scale = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()  # [g, n]
         return (rows.abs().reshape(g, o // g, n) * scale.unsqueeze(1)).reshape(o, n)
 
-    def select(self, rows, keep, ctx):
+    def select(self, rows: torch.Tensor, keep: torch.Tensor, ctx: LayerContext) -> Selection:
         gram, used = self._gram(rows, ctx)
         ctx.state.pop("_gram", None)  # do not hold an n×n matrix per tensor between steps
         xy = grouped_xy(gram, rows)
@@ -159,5 +159,5 @@ class CSP(Method):
         removed = int((allowed.sum(1) - k_rows).sum())
         return "obs" if removed <= int(k_rows.sum()) else "omp"
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"sensing={self.sensing!r}, solver={self.solver!r}"

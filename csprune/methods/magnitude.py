@@ -6,7 +6,7 @@ import zlib
 
 import torch
 
-from .base import Method, Selection
+from .base import LayerContext, Method, Selection
 from .refit import refit_selection
 
 __all__ = ["Magnitude", "Random"]
@@ -28,13 +28,13 @@ class Magnitude(Method):
         self.damping = damping  # 1% diagonal loading, as CSP (docs/design.md §3)
         self.stats_mode = "full" if refit else None
 
-    def score(self, rows, ctx):
+    def score(self, rows: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         return rows.abs()
 
-    def select(self, rows, keep, ctx):
+    def select(self, rows: torch.Tensor, keep: torch.Tensor, ctx: LayerContext) -> Selection:
         return refit_selection(rows, keep, ctx, self.damping) if self.refit else Selection(keep)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return "refit=True" if self.refit else ""
 
 
@@ -52,9 +52,9 @@ class Random(Method):
     def __init__(self, *, seed: int = 0) -> None:
         self.seed = seed
 
-    def score(self, rows, ctx):
+    def score(self, rows: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         gen = torch.Generator().manual_seed((zlib.crc32(ctx.target.fqn.encode()) ^ self.seed) + 7919 * ctx.step)
         return torch.rand(rows.shape, generator=gen).to(rows.device)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"seed={self.seed}"

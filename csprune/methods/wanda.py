@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 
+import torch
 
-from .base import Method, Selection
+
+from .base import LayerContext, Method, Selection
 from .refit import refit_selection
 
 __all__ = ["Wanda"]
@@ -28,7 +30,7 @@ class Wanda(Method):
         self.damping = damping  # 1% diagonal loading, as CSP (docs/design.md §3)
         self.stats_mode = "full" if refit else "diag"
 
-    def score(self, rows, ctx):
+    def score(self, rows: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         sq = ctx.stats.sq_norms(ctx.target) if ctx.stats is not None else None
         if sq is None:
             log.warning("csprune: wanda has no input statistics for %s; scoring it by magnitude", ctx.target.fqn)
@@ -38,8 +40,8 @@ class Wanda(Method):
         norms = sq.clamp_min(0).sqrt().to(rows.device)  # [g, n]
         return (rows.abs().reshape(g, o // g, n) * norms.unsqueeze(1)).reshape(o, n)
 
-    def select(self, rows, keep, ctx):
+    def select(self, rows: torch.Tensor, keep: torch.Tensor, ctx: LayerContext) -> Selection:
         return refit_selection(rows, keep, ctx, self.damping) if self.refit else Selection(keep)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return "refit=True" if self.refit else ""

@@ -27,25 +27,12 @@ from typing import Any
 
 from torch import Tensor
 
-from csprune.solvers._common import SOLVERS, SolverResult, check_budget, check_options, check_problem, row_groups
+from csprune.solvers._common import ALLOWED_SOLVERS, SOLVER_OPTIONS, SOLVERS, SolverResult, validated
 from csprune.solvers.fista import FISTA, fista_gram
 from csprune.solvers.obs import OBS, obs_gram
 from csprune.solvers.omp import OMP, omp_gram
 from csprune.solvers.sparsegpt import SparseGPT, sparsegpt_gram
 from csprune.solvers.refit import refit
-
-# Solvers that take ``allowed`` natively (the references solve the unrestricted problem only).
-ALLOWED_SOLVERS = ("omp", "obs", "sparsegpt", "fista")
-_L1_OPTIONS = ("reweight_rounds", "reweight_eps", "lam_init", "bisect_steps", "bisect_rtol", "tol")
-# The registry of each solver's options (prune.solver_options); SOLVERS (in _common) holds the names.
-SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "omp": ("atoms_per_iter", "pool_size", "refine_iters", "row_chunk"),
-    "obs": ("rounds", "row_chunk", "start"),
-    "sparsegpt": ("block",),
-    "fista": _L1_OPTIONS + ("max_iter", "check_every", "power_iters"),
-    "cvxpy": _L1_OPTIONS + ("solver_order",),
-    "sklearn": _L1_OPTIONS + ("method", "lasso_tol", "max_iter"),
-}
 
 
 def solve(
@@ -78,25 +65,12 @@ def solve(
             ``allowed`` mask of the wrong shape, with fewer atoms than a row's budget or for a solver
             outside ``ALLOWED_SOLVERS`` — before any work is done, naming the offending argument.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    gram3, xy, g = check_problem(gram, xy)
-    o, n = xy.shape
-    k_t, lam_t = check_budget(k, lam, o, n, xy)
-    check_options(solver, options, SOLVER_OPTIONS[solver])
-    allowed_t = _check_allowed(allowed, solver, xy, k_t)
-    groups = row_groups(o, g, xy.device)
+    gram3, xy, groups, k_t, lam_t, allowed_t = validated(solver, gram, xy, k, lam, allowed, options)
     if solver == "omp":
-        if k_t is None:
-            raise ValueError("solver='omp' solves the l0 form: pass k (the budget), not lam")
         return omp_gram(gram3, xy, k_t, groups, allowed=allowed_t, **options)
     if solver == "obs":
-        if k_t is None:
-            raise ValueError("solver='obs' solves the l0 form: pass k (the budget), not lam")
         return obs_gram(gram3, xy, k_t, groups, allowed=allowed_t, **options)
     if solver == "sparsegpt":
-        if k_t is None:
-            raise ValueError("solver='sparsegpt' solves the l0 form: pass k (the budget), not lam")
         return sparsegpt_gram(gram3, xy, k_t, groups, allowed=allowed_t, **options)
     if solver == "fista":
         return fista_gram(gram3, xy, groups, k=k_t, lam=lam_t, allowed=allowed_t, **options)
@@ -107,39 +81,6 @@ def solve(
     if options.get("method") == "omp" and k_t is None:
         raise ValueError("solver='sklearn' with method='omp' solves the l0 form: pass k, not lam")
     return sklearn_gram(gram3, xy, groups, k=k_t, lam=lam_t, **options)
-
-
-def _check_allowed(allowed: Any, solver: str, xy: Tensor, k: Tensor | None) -> Tensor | None:
-    """Validate ``allowed`` for ``solve``.
-
-    Args:
-        allowed: None, or [o, n] bool / 0-1 tensor.
-        solver: the solver name.
-        xy: [o, n] (shape and device).
-        k: [o] int64 budgets or None (l1 form).
-
-    Returns:
-        [o, n] bool on xy's device, or None when every atom is allowed (the unrestricted fast path).
-    """
-    if allowed is None:
-        return None
-    if not isinstance(allowed, Tensor) or allowed.shape != xy.shape:
-        shape = tuple(allowed.shape) if isinstance(allowed, Tensor) else type(allowed).__name__
-        raise ValueError(f"allowed must be a bool tensor of the shape of xy {tuple(xy.shape)}, got {shape}")
-    allowed_t = allowed.to(device=xy.device) != 0
-    if bool(allowed_t.all()):
-        return None
-    if solver not in ALLOWED_SOLVERS:
-        raise ValueError(f"allowed is supported by the solvers {ALLOWED_SOLVERS}, not solver={solver!r}")
-    if k is not None and xy.shape[0]:
-        short = k > allowed_t.sum(dim=1)
-        if bool(short.any()):
-            row = int(short.nonzero()[0])
-            raise ValueError(
-                f"k exceeds the allowed atoms in {int(short.sum())} row(s); e.g. row {row}: k = {int(k[row])}, "
-                f"{int(allowed_t[row].sum())} allowed"
-            )
-    return allowed_t
 
 
 __all__ = ["ALLOWED_SOLVERS", "FISTA", "OBS", "OMP", "SOLVERS", "SOLVER_OPTIONS", "SparseGPT", "obs_gram", "sparsegpt_gram", "SolverResult", "fista_gram", "omp_gram", "refit", "solve"]

@@ -20,6 +20,19 @@ import torch
 from torch import Tensor
 
 SOLVERS = ("omp", "obs", "sparsegpt", "fista", "cvxpy", "sklearn")
+# Solvers that take ``allowed`` natively (the references solve the unrestricted problem only).
+ALLOWED_SOLVERS = ("omp", "obs", "sparsegpt", "fista")
+_L1_OPTIONS = ("reweight_rounds", "reweight_eps", "lam_init", "bisect_steps", "bisect_rtol", "tol")
+# The registry of each solver's options (prune.solver_options); SOLVERS holds the names.
+SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "omp": ("atoms_per_iter", "pool_size", "refine_iters", "row_chunk"),
+    "obs": ("rounds", "row_chunk", "start"),
+    "sparsegpt": ("block",),
+    "fista": _L1_OPTIONS + ("max_iter", "check_every", "power_iters"),
+    "cvxpy": _L1_OPTIONS + ("solver_order",),
+    "sklearn": _L1_OPTIONS + ("method", "lasso_tol", "max_iter"),
+}
+
 
 # Relative tolerance of the symmetry check: loose enough for fp32 Grams accumulated by hooks.
 _SYMMETRY_RTOL = 1e-3
@@ -277,3 +290,59 @@ def lasso_duality_gap(
     gap = (primal - dual).clamp_min(0)
     tiny = torch.finfo(theta.dtype).tiny
     return gap, gap / primal.clamp_min(tiny)
+
+
+def check_allowed(allowed: Any, solver: str, xy: Tensor, k: Tensor | None) -> Tensor | None:
+    """Validate ``allowed`` for ``solve``.
+
+    Args:
+        allowed: None, or [o, n] bool / 0-1 tensor.
+        solver: the solver name.
+        xy: [o, n] (shape and device).
+        k: [o] int64 budgets or None (l1 form).
+
+    Returns:
+        [o, n] bool on xy's device, or None when every atom is allowed (the unrestricted fast path).
+    """
+    if allowed is None:
+        return None
+    if not isinstance(allowed, Tensor) or allowed.shape != xy.shape:
+        shape = tuple(allowed.shape) if isinstance(allowed, Tensor) else type(allowed).__name__
+        raise ValueError(f"allowed must be a bool tensor of the shape of xy {tuple(xy.shape)}, got {shape}")
+    allowed_t = allowed.to(device=xy.device) != 0
+    if bool(allowed_t.all()):
+        return None
+    if solver not in ALLOWED_SOLVERS:
+        raise ValueError(f"allowed is supported by the solvers {ALLOWED_SOLVERS}, not solver={solver!r}")
+    if k is not None and xy.shape[0]:
+        short = k > allowed_t.sum(dim=1)
+        if bool(short.any()):
+            row = int(short.nonzero()[0])
+            raise ValueError(
+                f"k exceeds the allowed atoms in {int(short.sum())} row(s); e.g. row {row}: k = {int(k[row])}, "
+                f"{int(allowed_t[row].sum())} allowed"
+            )
+    return allowed_t
+
+
+
+def validated(solver: str, gram: Any, xy: Any, k: Any, lam: Any, allowed: Any, options: dict[str, Any]
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Every check ``solve`` and the solver classes run before any work, in one place.
+
+    Returns:
+        (gram as [g, n, n], xy, groups [o], k [o] or None, lam [o] or None, allowed [o, n] or None).
+
+    Raises:
+        ValueError: naming the offending argument (see ``csprune.solvers.solve``).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    gram3, xy, g = check_problem(gram, xy)
+    o, n = xy.shape
+    k_t, lam_t = check_budget(k, lam, o, n, xy)
+    check_options(solver, options, SOLVER_OPTIONS[solver])
+    allowed_t = check_allowed(allowed, solver, xy, k_t)
+    if solver in ("omp", "obs", "sparsegpt") and k_t is None:
+        raise ValueError(f"solver={solver!r} solves the l0 form: pass k (the budget), not lam")
+    return gram3, xy, row_groups(o, g, xy.device), k_t, lam_t, allowed_t

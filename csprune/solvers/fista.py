@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csprune.solvers._common import SolverResult, lasso_duality_gap, quad_objective, rows_gram_matmul, signal_energy
+from csprune.solvers._common import SolverResult, lasso_duality_gap, quad_objective, rows_gram_matmul, signal_energy, validated
 from csprune.solvers._l1 import L1Solve, reweighted_l1
 from csprune.solvers.refit import refit_rows
 
@@ -198,10 +198,9 @@ class FISTA:
     def __init__(self, **options: Any) -> None:
         self.options = dict(options)
 
-    def __call__(self, gram: Tensor, xy: Tensor, k: Any = None, lam: Any = None) -> SolverResult:
-        from csprune.solvers import solve
-
-        return solve(gram, xy, k=k, lam=lam, solver="fista", **self.options)
+    def __call__(self, gram: Tensor, xy: Tensor, k: Any = None, lam: Any = None, allowed: Tensor | None = None) -> SolverResult:
+        gram3, xy, groups, k_t, lam_t, allowed_t = validated("fista", gram, xy, k, lam, allowed, self.options)
+        return fista_gram(gram3, xy, groups, k=k_t, lam=lam_t, allowed=allowed_t, **self.options)
 
 
 __all__ = ["FISTA", "fista_gram", "lipschitz_constants"]

@@ -36,7 +36,7 @@ import math
 import torch
 from torch import Tensor
 
-from csprune.solvers._common import SolverResult, quad_objective
+from csprune.solvers._common import SolverResult, quad_objective, validated
 from csprune.solvers.refit import padded_gram_blocks, support_indices
 
 # Rounds of group removal when rounds="auto": each round costs one batched rank-q update of the
@@ -292,9 +292,8 @@ class OBS:
         self.options = {"rounds": rounds, "row_chunk": row_chunk, "start": start}
 
     def __call__(self, gram: Tensor, xy: Tensor, k: int | Tensor, allowed: Tensor | None = None) -> SolverResult:
-        from csprune.solvers import solve
-
-        return solve(gram, xy, k=k, solver="obs", allowed=allowed, **self.options)
+        gram3, xy, groups, k_t, _, allowed_t = validated("obs", gram, xy, k, None, allowed, self.options)
+        return obs_gram(gram3, xy, k_t, groups, allowed=allowed_t, **self.options)
 
 
 __all__ = ["OBS", "obs_gram"]

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csprune.solvers._common import SolverResult, rows_gram_matmul
+from csprune.solvers._common import SolverResult, rows_gram_matmul, validated
 from csprune.solvers.refit import refit_rows
 
 # Aim for about this many selection rounds when atoms_per_iter="auto": each round costs one o×n×n
@@ -354,10 +354,9 @@ class OMP:
             "row_chunk": row_chunk,
         }
 
-    def __call__(self, gram: Tensor, xy: Tensor, k: int | Tensor) -> SolverResult:
-        from csprune.solvers import solve
-
-        return solve(gram, xy, k=k, solver="omp", **self.options)
+    def __call__(self, gram: Tensor, xy: Tensor, k: int | Tensor, allowed: Tensor | None = None) -> SolverResult:
+        gram3, xy, groups, k_t, _, allowed_t = validated("omp", gram, xy, k, None, allowed, self.options)
+        return omp_gram(gram3, xy, k_t, groups, allowed=allowed_t, **self.options)
 
 
 __all__ = ["OMP", "omp_gram"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from csprune.solvers._common import SolverResult, quad_objective
+from csprune.solvers._common import SolverResult, quad_objective, validated
 
 # Columns per lazy-update block: SparseGPT's 128 balances the adaptive mask choice (a block sees the
 # compensation of all blocks before it) against one GEMM per block instead of one per column.
@@ -142,9 +142,8 @@ class SparseGPT:
         self.options = {"block": block}
 
     def __call__(self, gram: Tensor, xy: Tensor, k: int | Tensor, allowed: Tensor | None = None) -> SolverResult:
-        from csprune.solvers import solve
-
-        return solve(gram, xy, k=k, solver="sparsegpt", allowed=allowed, **self.options)
+        gram3, xy, groups, k_t, _, allowed_t = validated("sparsegpt", gram, xy, k, None, allowed, self.options)
+        return sparsegpt_gram(gram3, xy, k_t, groups, allowed=allowed_t, **self.options)
 
 
 __all__ = ["SparseGPT", "sparsegpt_gram"]

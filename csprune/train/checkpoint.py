@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..atomic import atomic_write
-from ..errors import CheckpointError, ConfigError, CsPruneError
+from ..errors import CheckpointError, CheckpointNotFound, ConfigError, CsPruneError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "check_compatible", "rng_state", "rng_state_full", "set_rng_state",
            "FORMAT", "FORMAT_VERSION", "CheckpointMismatch",
@@ -216,6 +216,6 @@ def find_resume(mode: Any, folder: str | os.PathLike) -> tuple[Path, dict] | Non
         raise ConfigError(f"trainer.resume={mode!r}: expected false, true or auto")
     found = latest_checkpoint(folder)
     if found is None and mode != "auto":
-        raise FileNotFoundError(f"trainer.resume=true: no readable checkpoint in {folder} (use trainer.resume=auto "
-                                "to start fresh when there is none)")
+        raise CheckpointNotFound(folder, "trainer.resume=true: no readable checkpoint here (use trainer.resume=auto "
+                                         "to start fresh when there is none)")
     return found

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..distributed import checksum, is_distributed
+from ..errors import DistributedError
 
 __all__ = ["shutdown_distributed", "resolve_device", "init_distributed", "LossModule", "wrap_ddp", "ShardBuffers",
            "any_on_ranks", "check_weights_agree"]
@@ -195,5 +196,5 @@ def check_weights_agree(model: nn.Module, world: int, on_disk: str = "") -> None
     if bad_ranks:
         differ = [names[i] for i in range(len(names)) if any(not torch.equal(g[i], gathered[0][i]) for g in gathered)]
         keep = f"; {on_disk} is intact" if on_disk else ""
-        raise RuntimeError(f"DDP: final weights of ranks {bad_ranks} differ from rank 0's in {len(differ)} tensors "
+        raise DistributedError(f"DDP: final weights of ranks {bad_ranks} differ from rank 0's in {len(differ)} tensors "
                            f"({', '.join(differ[:5])}){keep}")

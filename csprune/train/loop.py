@@ -9,7 +9,7 @@ import hashlib
 import logging
 import math
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -77,14 +77,14 @@ def fit_config(cfg: Any, epochs: int, stage: str) -> FitConfig:
 
 def fit(
     model: torch.nn.Module,
-    batches,
-    loss_fn,
+    batches: Callable[[int], Iterable[Any]],
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
     optimizer: torch.optim.Optimizer,
-    lr_scheduler,
+    lr_scheduler: Any,
     config: FitConfig,
     *,
     pruner: Pruner | None = None,
-    writer=None,
+    writer: Any = None,
     step: int = 0,
     save: Callable[[dict], None] | None = None,
     resume: Mapping[str, Any] | None = None,
@@ -255,7 +255,8 @@ def fit(
     return step
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, floor: float = 0.05):
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  floor: float = 0.05) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up then cosine decay to ``floor``·peak (a LambdaLR)."""
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:

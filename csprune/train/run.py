@@ -10,7 +10,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ __all__ = ["calibrate", "seed_everything", "write_json", "launch", "RunContext",
            "finish_pruning", "export_run"]
 
 
-def calibrate(pruner: Pruner, model: torch.nn.Module, batches, forward: Callable[[Any], Any], mode: str = "eval") -> int:
+def calibrate(pruner: Pruner, model: torch.nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any], mode: str = "eval") -> int:
     """Observe calibration batches for a one-shot pruning step (both recipes).
 
     Args:
@@ -158,7 +158,7 @@ def saved_so_far(ctx: RunContext) -> str:
     return f"rank 0's {' and '.join(found)} in {ctx.run_dir}" if found else ""
 
 
-def prune_oneshot(ctx: RunContext, pruner: Pruner, model: torch.nn.Module, batches, forward: Callable[[Any], Any],
+def prune_oneshot(ctx: RunContext, pruner: Pruner, model: torch.nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any],
                   step: int) -> dict:
     """Calibrate on ``batches`` (``prune.calib_mode``), prune once to ``prune.sparsity``, log the step.
 

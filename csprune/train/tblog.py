@@ -11,6 +11,11 @@ Tags written here (a test reads them back):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotation only: tblog is imported lazily by the loop
+    from ..pruner import Pruner
+
 import json
 from typing import Any
 
@@ -21,7 +26,7 @@ __all__ = ["log_pruning", "log_sparsity", "log_config", "log_hparams", "flatten_
 MAX_IMAGES = 16  # mask images are the largest events: cap them per pruning step
 
 
-def log_sparsity(writer, pruner, step: int) -> None:
+def log_sparsity(writer: Any, pruner: Pruner, step: int) -> None:
     """Scheduled vs actual sparsity, total and per tensor."""
     writer.add_scalar("sparsity/scheduled", pruner.schedule.sparsity_at(pruner.step_count), step)
     for name, value in pruner.sparsity().items():
@@ -29,7 +34,7 @@ def log_sparsity(writer, pruner, step: int) -> None:
 
 
 @torch.no_grad()
-def log_pruning(writer, pruner, report: dict, step: int) -> None:
+def log_pruning(writer: Any, pruner: Pruner, report: dict, step: int) -> None:
     """Everything about one pruning event: solver statistics, histograms, mask images."""
     writer.add_scalar("prune/seconds", report["seconds"], step)
     writer.add_scalar("prune/stats_bytes", report.get("stats_bytes", 0), step)
@@ -64,12 +69,12 @@ def flatten_config(cfg: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_config(writer, cfg: dict) -> None:
+def log_config(writer: Any, cfg: dict) -> None:
     """The resolved config as a text panel (JSON, in a code block)."""
     writer.add_text("config", "```\n" + json.dumps(cfg, indent=2, default=str) + "\n```", 0)
 
 
-def log_hparams(writer, cfg: dict, metrics: dict[str, float]) -> None:
+def log_hparams(writer: Any, cfg: dict, metrics: dict[str, float]) -> None:
     """An HParams session: the flattened config and the final metrics (sweeps compare there)."""
     scalars = {f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     writer.add_hparams(flatten_config(cfg), scalars, run_name=".")
