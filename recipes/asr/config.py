@@ -91,10 +91,6 @@ class ASRConfig:
 
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (called before ``@hydra.main`` runs)."""
-    from hydra.core.config_store import ConfigStore
+    from recipes.hydra_run import register_schemas
 
-    cs = ConfigStore.instance()
-    cs.store(name="asr_schema", node=ASRConfig)
-    cs.store(group="model", name="conformer_ctc_schema", node=ConformerCTCConfig)
-    cs.store(group="model", name="lstm_rnnt_schema", node=LSTMRNNTConfig)
-    cs.store(group="prune", name="prune_schema", node=PruneConfig)
+    register_schemas("asr_schema", ASRConfig, {"conformer_ctc_schema": ConformerCTCConfig, "lstm_rnnt_schema": LSTMRNNTConfig})

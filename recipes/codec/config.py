@@ -90,9 +90,6 @@ class CodecConfig:
 
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (called before ``@hydra.main`` runs)."""
-    from hydra.core.config_store import ConfigStore
+    from recipes.hydra_run import register_schemas
 
-    cs = ConfigStore.instance()
-    cs.store(name="codec_schema", node=CodecConfig)
-    cs.store(group="model", name="cmrl_schema", node=CMRLConfig)
-    cs.store(group="prune", name="prune_schema", node=PruneConfig)
+    register_schemas("codec_schema", CodecConfig, {"cmrl_schema": CMRLConfig})
