@@ -19,6 +19,7 @@ import weakref
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from .errors import ConfigError
 
 __all__ = [
     "MaskParametrization", "attach_mask", "get_mask", "set_mask", "enforce_zeros", "reset_moments", "squash_mask",
@@ -113,7 +114,7 @@ def set_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     if p is None:
         raise KeyError(f"{type(module).__name__}.{name} has no csprune mask")
     if mask.shape != p.mask.shape:
-        raise ValueError(f"mask for {name}: shape {tuple(mask.shape)} != weight shape {tuple(p.mask.shape)}")
+        raise ConfigError(f"mask for {name}: shape {tuple(mask.shape)} != weight shape {tuple(p.mask.shape)}")
     p.mask.copy_(mask)
     p.zeros_enforced = False  # the stored weight may be non-zero where the new mask prunes
 

@@ -312,16 +312,16 @@ class Pruner:
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict` (checked against this pruner's targets first)."""
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"pruner state version {state.get('version')!r} is not {_STATE_VERSION}")
+            raise ConfigError(f"pruner state version {state.get('version')!r} is not {_STATE_VERSION}")
         masks = state["masks"]
         by_fqn = {t.fqn: t for t in self.targets}
         missing = sorted(set(by_fqn) - set(masks))
         extra = sorted(set(masks) - set(by_fqn))
         if missing or extra:
-            raise ValueError(f"pruner state does not match the targets: missing {missing}, unexpected {extra}")
+            raise ConfigError(f"pruner state does not match the targets: missing {missing}, unexpected {extra}")
         for fqn, m in masks.items():
             if tuple(m.shape) != tuple(by_fqn[fqn].shape):
-                raise ValueError(f"pruner state: mask {fqn} has shape {tuple(m.shape)}, weight has {tuple(by_fqn[fqn].shape)}")
+                raise ConfigError(f"pruner state: mask {fqn} has shape {tuple(m.shape)}, weight has {tuple(by_fqn[fqn].shape)}")
         for fqn, m in masks.items():
             t = by_fqn[fqn]
             M.set_mask(t.module, t.param_name, m.to(t.weight.device))

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from .errors import ConfigError
 
 __all__ = ["OneShot", "Cubic", "Linear", "cubic_sparsity", "linear_sparsity", "Schedule", "SCHEDULES"]
 
 
 def _check_sparsity(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and 0.0 <= float(value) < 1.0) or math.isnan(value):
-        raise ValueError(f"{name}={value!r}: sparsity must lie in [0, 1)")
+        raise ConfigError(f"{name}={value!r}: sparsity must lie in [0, 1)")
 
 
 def _last_update(step: int, start: int, end: int, frequency: int) -> int:
@@ -82,7 +83,7 @@ class OneShot(Schedule):
     def __post_init__(self):
         _check_sparsity("final_sparsity", self.final_sparsity)
         if self.step < 0:
-            raise ValueError(f"step={self.step}: must be >= 0")
+            raise ConfigError(f"step={self.step}: must be >= 0")
 
     def sparsity_at(self, step: int) -> float:
         return self.final_sparsity if step >= self.step else 0.0
@@ -106,9 +107,9 @@ class _Gradual(Schedule):
         _check_sparsity("final_sparsity", self.final_sparsity)
         _check_sparsity("initial_sparsity", self.initial_sparsity)
         if self.frequency < 1:
-            raise ValueError(f"frequency={self.frequency}: must be >= 1")
+            raise ConfigError(f"frequency={self.frequency}: must be >= 1")
         if self.start_step < 0 or self.end_step < self.start_step:
-            raise ValueError(f"start_step={self.start_step}, end_step={self.end_step}: need 0 <= start_step <= end_step")
+            raise ConfigError(f"start_step={self.start_step}, end_step={self.end_step}: need 0 <= start_step <= end_step")
 
     def is_update(self, step: int) -> bool:
         if step < self.start_step or step > self.end_step:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .targets import Target
-from .errors import NumericalError
+from .errors import ConfigError, NumericalError
 
 __all__ = ["InputStats", "gram_block_size", "attention_heads"]
 
@@ -118,7 +118,7 @@ def gram_block_size(n: int, groups: int, max_bytes: int | None, multiple: int = 
     fits = [b for b in range(multiple, n, multiple) if n % b == 0 and 8 * groups * n * b <= max_bytes]
     if not fits:
         smallest = multiple if n % multiple == 0 and multiple < n else n
-        raise ValueError(f"max_gram_bytes={max_bytes}: the Gram of {fqn} ([{groups}, {n}, {n}]) cannot be blocked under "
+        raise ConfigError(f"max_gram_bytes={max_bytes}: the Gram of {fqn} ([{groups}, {n}, {n}]) cannot be blocked under "
                          f"the cap; the smallest allowed block ({smallest} columns) needs {8 * groups * n * smallest} bytes")
     return max(fits)
 
@@ -236,9 +236,9 @@ class InputStats:
     def __init__(self, targets: list[Target], mode: str = "full", max_positions: int = 4096,
                  max_gram_bytes: int | None = None, block_multiple: int = 1):
         if mode not in ("full", "diag"):
-            raise ValueError(f"mode={mode!r}: expected 'full' or 'diag'")
+            raise ConfigError(f"mode={mode!r}: expected 'full' or 'diag'")
         if max_gram_bytes is not None and max_gram_bytes < 0:
-            raise ValueError(f"max_gram_bytes={max_gram_bytes}: must be >= 0 (0 or None: no cap)")
+            raise ConfigError(f"max_gram_bytes={max_gram_bytes}: must be >= 0 (0 or None: no cap)")
         self.targets = targets
         self.mode = mode
         self.max_positions = max_positions
@@ -478,7 +478,7 @@ class InputStats:
             t = by_fqn[fqn]
             acc = _Accumulator(t.groups, t.row_shape[1], self.mode == "full", t.weight.device, self.blocks.get(fqn))
             if acc.sum.shape != s["sum"].shape:
-                raise ValueError(f"statistics of {fqn!r}: saved sum has shape {tuple(s['sum'].shape)}, this pruner expects "
+                raise ConfigError(f"statistics of {fqn!r}: saved sum has shape {tuple(s['sum'].shape)}, this pruner expects "
                                  f"{tuple(acc.sum.shape)} (a different max_gram_bytes or model?)")
             acc.sum.copy_(s["sum"])
             acc.count.copy_(s["count"])

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from ..errors import ConfigError
 
 __all__ = [
     "CODINGS",
@@ -231,7 +232,7 @@ def encode_mask(mask: np.ndarray, coding: str) -> tuple[np.ndarray, int]:
         return _encode_rice(mask)
     if coding == "ans":
         return _encode_ans(mask, int(np.count_nonzero(mask))), 0
-    raise ValueError(f"unknown mask coding {coding!r}; expected one of {CODINGS}")
+    raise ConfigError(f"unknown mask coding {coding!r}; expected one of {CODINGS}")
 
 
 def decode_mask(data: np.ndarray, coding: str, param: int, numel: int, nnz: int) -> np.ndarray:
@@ -291,7 +292,7 @@ def choose_mask_coding(mask: np.ndarray, policy: str = "auto") -> tuple[str, np.
         data, param = encode_mask(mask, policy)
         return policy, data, param
     if policy not in ("auto", "smallest"):
-        raise ValueError(f"unknown mask coding policy {policy!r}; expected 'auto', 'smallest' or one of {CODINGS}")
+        raise ConfigError(f"unknown mask coding policy {policy!r}; expected 'auto', 'smallest' or one of {CODINGS}")
     encoded = {coding: encode_mask(mask, coding) for coding in _SPEED_ORDER}
     smallest = min(data.size for data, _ in encoded.values())
     tolerance = FAST_CODING_TOLERANCE if policy == "auto" else 0.0

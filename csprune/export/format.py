@@ -83,7 +83,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from . import coding as mask_coding
 
 __all__ = [
@@ -189,13 +189,13 @@ def _state_dict_of(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Ten
 
         for module_name, module in model_or_state_dict.named_modules():
             if parametrize.is_parametrized(module):
-                raise ValueError(
+                raise ConfigError(
                     f"module {module_name or '<root>'!r} still has parametrizations (pruning masks?): finalize the "
                     "model first (pruner.finalize() or torch.nn.utils.parametrize.remove_parametrizations)"
                 )
             for hook in module._forward_pre_hooks.values():
                 if type(hook).__module__ == "torch.nn.utils.prune":
-                    raise ValueError(
+                    raise ConfigError(
                         f"module {module_name or '<root>'!r} still carries a torch.nn.utils.prune mask: call "
                         "torch.nn.utils.prune.remove(module, name) first"
                     )
@@ -209,7 +209,7 @@ def _state_dict_of(model_or_state_dict: torch.nn.Module | Mapping[str, torch.Ten
         if not isinstance(name, str) or not name:
             raise TypeError(f"state_dict keys must be non-empty strings, got {name!r}")
         if "::" in name:
-            raise ValueError(f"tensor name {name!r} contains '::', which the format reserves for its parts")
+            raise ConfigError(f"tensor name {name!r} contains '::', which the format reserves for its parts")
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"state_dict[{name!r}] is a {type(tensor).__name__}, not a tensor")
         if tensor.layout != torch.strided:
@@ -233,7 +233,7 @@ def _quantize_rows(tensor: torch.Tensor, name: str) -> tuple[torch.Tensor, torch
     """
     rows = tensor.reshape(tensor.shape[0], -1).to(torch.float32)
     if not torch.isfinite(rows).all():
-        raise ValueError(f"tensor {name!r} has NaN/Inf values, which int8 cannot represent")
+        raise ConfigError(f"tensor {name!r} has NaN/Inf values, which int8 cannot represent")
     scale = rows.abs().amax(dim=1) / 127.0
     safe_scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(rows / safe_scale[:, None]).clamp_(-127, 127).to(torch.int8)
@@ -383,13 +383,13 @@ def save_sparse(
             the temp file was removed. (``csprune.errors.WriteError`` is a ``CsPruneError`` and an ``OSError``.)
     """
     if values_dtype is not None and values_dtype not in VALUES_DTYPES:
-        raise ValueError(f"values_dtype must be None or one of {VALUES_DTYPES}, got {values_dtype!r}")
+        raise ConfigError(f"values_dtype must be None or one of {VALUES_DTYPES}, got {values_dtype!r}")
     if meta is not None and not isinstance(meta, Mapping):
-        raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
+        raise ConfigError(f"meta must be a dict, got {type(meta).__name__}")
     try:
         meta_json = json.loads(json.dumps(dict(meta or {}), allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"meta is not JSON-serializable: {exc}") from exc
+        raise ConfigError(f"meta is not JSON-serializable: {exc}") from exc
 
     state = _state_dict_of(model_or_state_dict)
     encoded = {name: _encode_tensor(name, tensor, values_dtype, mask_coding_policy) for name, tensor in state.items()}
@@ -856,7 +856,7 @@ def load_sparse(
             and the tensor.
     """
     if verify not in VERIFY_MODES:
-        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+        raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     try:
         with open(path, "rb") as handle:
             file_size = os.fstat(handle.fileno()).st_size

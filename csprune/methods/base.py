@@ -37,6 +37,7 @@ import torch
 
 from ..stats import InputStats
 from ..targets import Target
+from ..errors import ConfigError
 
 __all__ = ["Method", "LayerContext", "Selection", "parse_pattern", "prune_counts", "keep_from_scores", "nm_keep", "rank_keep"]
 
@@ -127,9 +128,9 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     try:
         n_keep, m = (int(p) for p in pattern.split(":"))
     except ValueError:
-        raise ValueError(f"pattern={pattern!r}: expected 'unstructured' or 'N:M' such as '2:4'") from None
+        raise ConfigError(f"pattern={pattern!r}: expected 'unstructured' or 'N:M' such as '2:4'") from None
     if not 0 < n_keep < m:
-        raise ValueError(f"pattern={pattern!r}: need 0 < N < M")
+        raise ConfigError(f"pattern={pattern!r}: need 0 < N < M")
     return n_keep, m
 
 
@@ -188,7 +189,7 @@ def keep_from_scores(scores: list[torch.Tensor], sparsity: float, scope: str,
             need = torch.zeros(offsets[-1], dtype=torch.long, device=flat.device).scatter_add_(0, row_id, mag_keep.long()) > 0
             keep = _row_floor(keep, flat, row_id, need, offsets[-1])
         return [part.view_as(s) for part, s in zip(keep.split([s.numel() for s in scores]), scores)]
-    raise ValueError(f"scope={scope!r}: expected 'row', 'layer' or 'global'")
+    raise ConfigError(f"scope={scope!r}: expected 'row', 'layer' or 'global'")
 
 
 def _row_ids(scores: torch.Tensor) -> torch.Tensor:
@@ -283,7 +284,7 @@ def nm_keep(scores: torch.Tensor, n_keep: int, m: int) -> torch.Tensor:
     """
     o, n = scores.shape
     if n % m:
-        raise ValueError(f"N:M pattern needs the input width ({n}) divisible by M={m}")
+        raise ConfigError(f"N:M pattern needs the input width ({n}) divisible by M={m}")
     grouped = scores.reshape(o, n // m, m)
     idx = torch.topk(grouped, n_keep, dim=2).indices
     keep = torch.zeros_like(grouped, dtype=torch.bool).scatter_(2, idx, True)

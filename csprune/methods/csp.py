@@ -24,6 +24,7 @@ from ..solvers import ALLOWED_SOLVERS, SOLVERS, refit, solve
 from .base import LayerContext, Method, Selection, nm_keep, rank_keep
 from .refit import relative_error, row_error
 from .sensing import SENSINGS, grouped_xy, sensing_gram
+from ..errors import ConfigError
 
 __all__ = ["CSP"]
 
@@ -66,15 +67,15 @@ class CSP(Method):
         safeguard: bool | str = "auto",
     ) -> None:
         if sensing not in SENSINGS:
-            raise ValueError(f"sensing={sensing!r}: expected one of {SENSINGS}")
+            raise ConfigError(f"sensing={sensing!r}: expected one of {SENSINGS}")
         if solver not in SOLVERS + ("auto",):
-            raise ValueError(f"solver={solver!r}: expected auto or one of {SOLVERS}")
+            raise ConfigError(f"solver={solver!r}: expected auto or one of {SOLVERS}")
         if safeguard not in (True, False, "auto"):
-            raise ValueError(f"safeguard={safeguard!r}: expected true, false or auto")
+            raise ConfigError(f"safeguard={safeguard!r}: expected true, false or auto")
         if damping < 0:
-            raise ValueError(f"damping={damping}: must be >= 0")
+            raise ConfigError(f"damping={damping}: must be >= 0")
         if not 0 < gaussian_ratio:
-            raise ValueError(f"gaussian_ratio={gaussian_ratio}: must be > 0")
+            raise ConfigError(f"gaussian_ratio={gaussian_ratio}: must be > 0")
         self.sensing = sensing
         self.solver = solver
         self.damping = damping

@@ -17,6 +17,7 @@ import zlib
 import torch
 
 from .base import LayerContext
+from ..errors import ConfigError
 
 __all__ = ["SENSINGS", "sensing_gram", "gaussian_gram", "grouped_xy"]
 
@@ -72,7 +73,7 @@ def sensing_gram(
         return torch.eye(n, device=device).unsqueeze(0), "identity"
     if sensing == "gaussian":
         return gaussian_gram(ctx.target.fqn, n, ratio, device), sensing
-    raise ValueError(f"sensing={sensing!r}: expected one of {SENSINGS}")
+    raise ConfigError(f"sensing={sensing!r}: expected one of {SENSINGS}")
 
 
 def grouped_xy(gram: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from csprune.solvers.obs import OBS, obs_gram
 from csprune.solvers.omp import OMP, omp_gram
 from csprune.solvers.sparsegpt import SparseGPT, sparsegpt_gram
 from csprune.solvers.refit import refit
+from csprune.errors import ConfigError
 
 
 def solve(
@@ -79,7 +80,7 @@ def solve(
     if solver == "cvxpy":
         return cvxpy_gram(gram3, xy, groups, k=k_t, lam=lam_t, **options)
     if options.get("method") == "omp" and k_t is None:
-        raise ValueError("solver='sklearn' with method='omp' solves the l0 form: pass k, not lam")
+        raise ConfigError("solver='sklearn' with method='omp' solves the l0 form: pass k, not lam")
     return sklearn_gram(gram3, xy, groups, k=k_t, lam=lam_t, **options)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from csprune.errors import ConfigError
 
 SOLVERS = ("omp", "obs", "sparsegpt", "fista", "cvxpy", "sklearn")
 # Solvers that take ``allowed`` natively (the references solve the unrestricted problem only).
@@ -86,36 +87,36 @@ def check_problem(gram: Any, xy: Any) -> tuple[Tensor, Tensor, int]:
         ValueError: naming the argument and the shapes when anything is off.
     """
     if not isinstance(gram, Tensor):
-        raise ValueError(f"gram must be a torch.Tensor, got {_describe(gram)}")
+        raise ConfigError(f"gram must be a torch.Tensor, got {_describe(gram)}")
     if not isinstance(xy, Tensor):
-        raise ValueError(f"xy must be a torch.Tensor, got {_describe(xy)}")
+        raise ConfigError(f"xy must be a torch.Tensor, got {_describe(xy)}")
     if gram.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"gram must be float32 or float64, got {_describe(gram)}")
+        raise ConfigError(f"gram must be float32 or float64, got {_describe(gram)}")
     if xy.dtype != gram.dtype:
-        raise ValueError(f"xy dtype {xy.dtype} does not match gram dtype {gram.dtype}")
+        raise ConfigError(f"xy dtype {xy.dtype} does not match gram dtype {gram.dtype}")
     if xy.device != gram.device:
-        raise ValueError(f"xy is on {xy.device} but gram is on {gram.device}")
+        raise ConfigError(f"xy is on {xy.device} but gram is on {gram.device}")
     if gram.dim() not in (2, 3) or gram.shape[-1] != gram.shape[-2]:
-        raise ValueError(f"gram must be [n, n] or [g, n, n], got shape {tuple(gram.shape)}")
+        raise ConfigError(f"gram must be [n, n] or [g, n, n], got shape {tuple(gram.shape)}")
     n = gram.shape[-1]
     if xy.dim() != 2 or xy.shape[1] != n:
-        raise ValueError(
+        raise ConfigError(
             f"xy must be [o, n] with n = {n} (from gram {tuple(gram.shape)}), got shape {tuple(xy.shape)}"
         )
     gram3 = gram if gram.dim() == 3 else gram.unsqueeze(0)
     g = gram3.shape[0]
     if g == 0 or xy.shape[0] % g != 0:
-        raise ValueError(
+        raise ConfigError(
             f"xy has {xy.shape[0]} rows, which does not split into the g = {g} groups of gram "
             f"{tuple(gram.shape)} (need o % g == 0)"
         )
     if not bool(torch.isfinite(gram).all()):
-        raise ValueError(f"gram {tuple(gram.shape)} contains NaN or Inf")
+        raise ConfigError(f"gram {tuple(gram.shape)} contains NaN or Inf")
     if not bool(torch.isfinite(xy).all()):
-        raise ValueError(f"xy {tuple(xy.shape)} contains NaN or Inf")
+        raise ConfigError(f"xy {tuple(xy.shape)} contains NaN or Inf")
     scale = gram3.abs().amax().item()
     if n > 0 and (gram3 - gram3.mT).abs().amax().item() > _SYMMETRY_RTOL * max(scale, 1e-30):
-        raise ValueError(f"gram {tuple(gram.shape)} is not symmetric")
+        raise ConfigError(f"gram {tuple(gram.shape)} is not symmetric")
     return gram3, xy, g
 
 
@@ -133,46 +134,46 @@ def check_budget(k: Any, lam: Any, o: int, n: int, like: Tensor) -> tuple[Tensor
         (k as int64 [o] or None, lam as [o] float or None).
     """
     if (k is None) == (lam is None):
-        raise ValueError(
+        raise ConfigError(
             "pass exactly one of k (l0 budget) and lam (l1 weight); got "
             f"k={'None' if k is None else _describe(k)}, lam={'None' if lam is None else _describe(lam)}"
         )
     if k is not None:
         if isinstance(k, bool):
-            raise ValueError(f"k must be an int or an int tensor [o], got {_describe(k)}")
+            raise ConfigError(f"k must be an int or an int tensor [o], got {_describe(k)}")
         if isinstance(k, numbers.Integral):
             k_t = torch.full((o,), int(k), dtype=torch.int64, device=like.device)
         elif isinstance(k, Tensor):
             if k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool:
-                raise ValueError(f"k must be an int or an int tensor [o], got {_describe(k)}")
+                raise ConfigError(f"k must be an int or an int tensor [o], got {_describe(k)}")
             if k.dim() == 0:
                 k = k.expand(o)
             if k.shape != (o,):
-                raise ValueError(f"k must be an int or a tensor of shape [o] = [{o}], got {_describe(k)}")
+                raise ConfigError(f"k must be an int or a tensor of shape [o] = [{o}], got {_describe(k)}")
             k_t = k.to(device=like.device, dtype=torch.int64)
         else:
-            raise ValueError(f"k must be an int or an int tensor [o], got {_describe(k)}")
+            raise ConfigError(f"k must be an int or an int tensor [o], got {_describe(k)}")
         if o and (int(k_t.min()) < 0 or int(k_t.max()) > n):
-            raise ValueError(
+            raise ConfigError(
                 f"k must satisfy 0 <= k <= n = {n}; got k in [{int(k_t.min())}, {int(k_t.max())}]"
             )
         return k_t, None
     if isinstance(lam, bool):
-        raise ValueError(f"lam must be a float or a tensor [o], got {_describe(lam)}")
+        raise ConfigError(f"lam must be a float or a tensor [o], got {_describe(lam)}")
     if isinstance(lam, numbers.Real):
         lam_t = torch.full((o,), float(lam), dtype=like.dtype, device=like.device)
     elif isinstance(lam, Tensor):
         if not lam.dtype.is_floating_point and lam.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"lam must be a float or a tensor [o], got {_describe(lam)}")
+            raise ConfigError(f"lam must be a float or a tensor [o], got {_describe(lam)}")
         if lam.dim() == 0:
             lam = lam.expand(o)
         if lam.shape != (o,):
-            raise ValueError(f"lam must be a float or a tensor of shape [o] = [{o}], got {_describe(lam)}")
+            raise ConfigError(f"lam must be a float or a tensor of shape [o] = [{o}], got {_describe(lam)}")
         lam_t = lam.to(device=like.device, dtype=like.dtype)
     else:
-        raise ValueError(f"lam must be a float or a tensor [o], got {_describe(lam)}")
+        raise ConfigError(f"lam must be a float or a tensor [o], got {_describe(lam)}")
     if not bool(torch.isfinite(lam_t).all()) or (o and float(lam_t.min()) < 0):
-        raise ValueError(f"lam must be finite and >= 0, got values in [{float(lam_t.min())}, {float(lam_t.max())}]")
+        raise ConfigError(f"lam must be finite and >= 0, got values in [{float(lam_t.min())}, {float(lam_t.max())}]")
     return None, lam_t
 
 
@@ -180,7 +181,7 @@ def check_options(solver: str, options: dict[str, Any], allowed: tuple[str, ...]
     """Raise ValueError for an option the solver does not know, listing the valid ones."""
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for solver={solver!r}; valid: {sorted(allowed)}")
+        raise ConfigError(f"unknown option(s) {unknown} for solver={solver!r}; valid: {sorted(allowed)}")
 
 
 def row_groups(o: int, g: int, device: torch.device) -> Tensor:
@@ -308,17 +309,17 @@ def check_allowed(allowed: Any, solver: str, xy: Tensor, k: Tensor | None) -> Te
         return None
     if not isinstance(allowed, Tensor) or allowed.shape != xy.shape:
         shape = tuple(allowed.shape) if isinstance(allowed, Tensor) else type(allowed).__name__
-        raise ValueError(f"allowed must be a bool tensor of the shape of xy {tuple(xy.shape)}, got {shape}")
+        raise ConfigError(f"allowed must be a bool tensor of the shape of xy {tuple(xy.shape)}, got {shape}")
     allowed_t = allowed.to(device=xy.device) != 0
     if bool(allowed_t.all()):
         return None
     if solver not in ALLOWED_SOLVERS:
-        raise ValueError(f"allowed is supported by the solvers {ALLOWED_SOLVERS}, not solver={solver!r}")
+        raise ConfigError(f"allowed is supported by the solvers {ALLOWED_SOLVERS}, not solver={solver!r}")
     if k is not None and xy.shape[0]:
         short = k > allowed_t.sum(dim=1)
         if bool(short.any()):
             row = int(short.nonzero()[0])
-            raise ValueError(
+            raise ConfigError(
                 f"k exceeds the allowed atoms in {int(short.sum())} row(s); e.g. row {row}: k = {int(k[row])}, "
                 f"{int(allowed_t[row].sum())} allowed"
             )
@@ -337,12 +338,12 @@ def validated(solver: str, gram: Any, xy: Any, k: Any, lam: Any, allowed: Any, o
         ValueError: naming the offending argument (see ``csprune.solvers.solve``).
     """
     if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        raise ConfigError(f"solver must be one of {SOLVERS}, got {solver!r}")
     gram3, xy, g = check_problem(gram, xy)
     o, n = xy.shape
     k_t, lam_t = check_budget(k, lam, o, n, xy)
     check_options(solver, options, SOLVER_OPTIONS[solver])
     allowed_t = check_allowed(allowed, solver, xy, k_t)
     if solver in ("omp", "obs", "sparsegpt") and k_t is None:
-        raise ValueError(f"solver={solver!r} solves the l0 form: pass k (the budget), not lam")
+        raise ConfigError(f"solver={solver!r} solves the l0 form: pass k (the budget), not lam")
     return gram3, xy, row_groups(o, g, xy.device), k_t, lam_t, allowed_t

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from csprune.solvers._common import SolverResult, quad_objective, validated
 from csprune.solvers.refit import padded_gram_blocks, support_indices
+from csprune.errors import ConfigError
 
 # Rounds of group removal when rounds="auto": each round costs one batched rank-q update of the
 # per-row inverses; 16 rounds measured within 0.5% of one-atom-at-a-time elimination's output error
@@ -229,10 +230,10 @@ def obs_gram(
     """
     o, n = xy.shape
     if start not in ("auto", "direct", "complement"):
-        raise ValueError(f"start={start!r}: expected auto, direct or complement")
+        raise ConfigError(f"start={start!r}: expected auto, direct or complement")
     rounds_n = _AUTO_ROUNDS if rounds == "auto" else int(rounds)
     if rounds_n < 0:
-        raise ValueError(f"rounds={rounds!r}: must be 'auto' or an int >= 0")
+        raise ConfigError(f"rounds={rounds!r}: must be 'auto' or an int >= 0")
     if rounds_n == 0:
         rounds_n = n  # one atom per round
     keep_mask = torch.ones(o, n, dtype=torch.bool, device=xy.device) if allowed is None else allowed

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from csprune.solvers._common import SolverResult, rows_gram_matmul, validated
 from csprune.solvers.refit import refit_rows
+from csprune.errors import ConfigError
 
 # Aim for about this many selection rounds when atoms_per_iter="auto": each round costs one o×n×n
 # GEMM plus per-row triangular solves; with the pool and 2 HTP rounds, 32 rounds measured at or
@@ -58,19 +59,19 @@ def _resolve_variant(kmax: int, n: int, atoms_per_iter: Any, pool_size: Any, ref
     else:
         atoms = int(atoms_per_iter)
     if atoms < 1:
-        raise ValueError(f"atoms_per_iter must be >= 1 or 'auto', got {atoms_per_iter!r}")
+        raise ConfigError(f"atoms_per_iter must be >= 1 or 'auto', got {atoms_per_iter!r}")
     if pool_size == "auto":
         pool = 1 if atoms == 1 else 2 * atoms + 8
     else:
         pool = int(pool_size)
     if pool < atoms:
-        raise ValueError(f"pool_size must be >= atoms_per_iter = {atoms}, got {pool_size!r}")
+        raise ConfigError(f"pool_size must be >= atoms_per_iter = {atoms}, got {pool_size!r}")
     if refine_iters == "auto":
         refine = 0 if atoms == 1 else 2
     else:
         refine = int(refine_iters)
     if refine < 0:
-        raise ValueError(f"refine_iters must be >= 0 or 'auto', got {refine_iters!r}")
+        raise ConfigError(f"refine_iters must be >= 0 or 'auto', got {refine_iters!r}")
     return atoms, pool, refine
 
 
@@ -298,7 +299,7 @@ def omp_gram(
         elems = _FACTOR_ELEMS * 4 // xy.element_size()  # same bytes in float64
         row_chunk = max(1, elems // max(1, kmax * kmax))
     elif int(row_chunk) < 1:
-        raise ValueError(f"row_chunk must be >= 1 or None, got {row_chunk!r}")
+        raise ConfigError(f"row_chunk must be >= 1 or None, got {row_chunk!r}")
     row_chunk = int(row_chunk)
     theta = torch.zeros_like(xy)
     support = torch.zeros_like(xy, dtype=torch.bool)

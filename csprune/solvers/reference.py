@@ -24,6 +24,7 @@ from torch import Tensor
 from csprune.solvers._common import SolverResult, quad_objective, rows_gram_matmul, signal_energy, lasso_duality_gap
 from csprune.solvers._l1 import L1Solve, reweighted_l1
 from csprune.solvers.refit import refit_rows
+from csprune.errors import ConfigError
 
 
 def _require(module: str, solver: str) -> Any:
@@ -209,10 +210,10 @@ def sklearn_gram(
     if method is None:
         method = "omp" if k is not None else "lasso"
     if method not in ("omp", "lasso"):
-        raise ValueError(f"method must be 'omp' or 'lasso' for solver='sklearn', got {method!r}")
+        raise ConfigError(f"method must be 'omp' or 'lasso' for solver='sklearn', got {method!r}")
     if method == "omp":
         if k is None:
-            raise ValueError("solver='sklearn' with method='omp' solves the l0 form: pass k, not lam")
+            raise ConfigError("solver='sklearn' with method='omp' solves the l0 form: pass k, not lam")
         return _sklearn_omp(gram3, xy, groups, k)
     ConvergenceWarning = _require("sklearn.exceptions", "sklearn").ConvergenceWarning
     Lasso = _require("sklearn.linear_model", "sklearn").Lasso

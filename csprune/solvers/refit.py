@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from csprune.solvers._common import check_problem, gram_matmul, row_groups
+from csprune.errors import ConfigError
 
 # Elements of gathered [rows, k, k] blocks held at once: 2^25 fp32 = 128 MiB, keeps memory modest.
 _BLOCK_ELEMS = 1 << 25
@@ -189,10 +190,10 @@ def refit(
     gram3, xy, g = check_problem(gram, xy)
     if not isinstance(mask, Tensor) or mask.shape != xy.shape:
         shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a tensor of the shape of xy {tuple(xy.shape)}, got {shape}")
+        raise ConfigError(f"mask must be a tensor of the shape of xy {tuple(xy.shape)}, got {shape}")
     mask = mask.to(device=xy.device) != 0
     if method == "cholesky":
         return refit_rows(gram3, xy, mask, row_groups(xy.shape[0], g, xy.device))
     if method == "cg":
         return _refit_cg(gram3, xy, mask, max_iter, tol, None)[0]
-    raise ValueError(f"method must be 'cholesky' or 'cg', got {method!r}")
+    raise ConfigError(f"method must be 'cholesky' or 'cg', got {method!r}")

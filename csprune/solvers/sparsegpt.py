@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from csprune.solvers._common import SolverResult, quad_objective, validated
+from csprune.errors import ConfigError
 
 # Columns per lazy-update block: SparseGPT's 128 balances the adaptive mask choice (a block sees the
 # compensation of all blocks before it) against one GEMM per block instead of one per column.
@@ -47,7 +48,7 @@ def _upper_inverse_factor(gram3: Tensor) -> tuple[Tensor, Tensor]:
                 return inv, upper
         scale = float(gram3.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-30))
         jitter = scale * (1e-6 if jitter == 0.0 else 100 * jitter / scale)
-    raise ValueError("gram is not positive definite even with jitter; damp it (CSP damping > 0)")
+    raise ConfigError("gram is not positive definite even with jitter; damp it (CSP damping > 0)")
 
 
 def _sequential_kernel(upper: Tensor, w: Tensor, prune: Tensor, forced: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -122,7 +123,7 @@ def sparsegpt_gram(
     o, n = xy.shape
     g = gram3.shape[0]
     if block < 1:
-        raise ValueError(f"block={block}: must be >= 1")
+        raise ConfigError(f"block={block}: must be >= 1")
     inv, upper = _upper_inverse_factor(gram3)
     w = torch.bmm(xy.reshape(g, o // g, n), inv).reshape(o, n)  # the signal w_i = G⁻¹·xy_i (pruning: the weights)
     allow = torch.ones(o, n, dtype=torch.bool, device=xy.device) if allowed is None else allowed

@@ -37,7 +37,7 @@ from typing import Iterator, Sequence
 import soundfile as sf
 import torch
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 __all__ = [
     "AN4_ROOT_ENV",
@@ -157,7 +157,7 @@ def read_an4_split(root: str | os.PathLike, split: str, check_audio: bool = True
         ValueError: Unknown split.
     """
     if split not in _SPLITS:
-        raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {_SPLITS}, got {split!r}")
     root = Path(root)
     fileids_path = root / "etc" / f"an4_{split}.fileids"
     transcription_path = root / "etc" / f"an4_{split}.transcription"
@@ -327,7 +327,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int = AN4_SAMPLE_RATE) -> t
     try:
         audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except RuntimeError as err:  # soundfile.LibsndfileError derives from RuntimeError
-        raise ValueError(f"{path}: not a readable audio file ({err})") from None
+        raise ConfigError(f"{path}: not a readable audio file ({err})") from None
     wave = torch.from_numpy(audio.mean(axis=1))
     if rate != sample_rate:
         wave = torchaudio.functional.resample(wave, rate, sample_rate)

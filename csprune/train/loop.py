@@ -15,6 +15,7 @@ import torch
 
 from ..progress import progress
 from ..pruner import Pruner
+from ..errors import ConfigError
 
 __all__ = ["fit", "FitConfig", "fit_config", "shard_seed", "warmup_cosine"]
 
@@ -140,7 +141,7 @@ def fit(
     done, first_epoch, skip, bad_steps = 0, 0, 0, 0
     if resume is not None:
         if resume.get("stage", stage) != stage:
-            raise ValueError(f"fit(stage={stage!r}): resume progress belongs to stage {resume.get('stage')!r}")
+            raise ConfigError(f"fit(stage={stage!r}): resume progress belongs to stage {resume.get('stage')!r}")
         first_epoch, skip, step, done = int(resume["epoch"]), int(resume["batch"]), int(resume["step"]), int(resume["done"])
         bad_steps = int(resume.get("bad_steps", 0))
         if resume.get("finished"):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any, Sequence
+from ..errors import ConfigError
 
 __all__ = ["find_runs", "build_report", "write_report", "series", "Report", "METRICS"]
 
@@ -54,7 +55,7 @@ def find_runs(folders: Sequence[str | os.PathLike]) -> tuple[list[dict[str, Any]
                 try:
                     data = json.loads((here / "metrics.json").read_text())
                 except (OSError, json.JSONDecodeError) as exc:
-                    raise ValueError(f"{here / 'metrics.json'}: unreadable ({exc})") from exc
+                    raise ConfigError(f"{here / 'metrics.json'}: unreadable ({exc})") from exc
                 data["_dir"] = str(here)
                 runs.append(data)
                 dirnames.clear()
@@ -79,7 +80,7 @@ def build_report(folders: Sequence[str | os.PathLike]) -> Report:
     """Group runs by (method, sparsity) and render the Markdown table."""
     runs, incomplete = find_runs(folders)
     if not runs:
-        raise ValueError(f"no finished run (metrics.json) under {', '.join(map(str, folders))}")
+        raise ConfigError(f"no finished run (metrics.json) under {', '.join(map(str, folders))}")
     primary = runs[0].get("primary_metric", "wer")
     label, scale, lower_better = METRICS.get(primary, (primary, 1.0, True))
     cells: dict[tuple[str, float], list[dict]] = {}

@@ -36,7 +36,7 @@ class ConformerCTCConfig:
     d_model: int = 144  # Conformer-S width
     num_heads: int = 4  # Conformer-S
     ffn_dim: int = 576  # 4 x d_model
-    num_layers: int = 5  # ~2.5M parameters, the size DESIGN §3 measured
+    num_layers: int = 5  # ~2.5M parameters, the size the founding design measured
     depthwise_conv_kernel_size: int = 15  # 0.6 s of context at 40 ms steps
     dropout: float = 0.1  # Conformer paper's P_drop
     use_group_norm: bool = False  # torchaudio default BatchNorm; GroupNorm is batch-independent (exact DDP equivalence)

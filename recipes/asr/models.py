@@ -78,7 +78,7 @@ class ConvSubsampling(nn.Module):
 class ConformerCTC(nn.Module):
     """Conv subsampling (x4) -> ``torchaudio.models.Conformer`` -> Linear -> CTC.
 
-    Defaults give about 2.5M parameters (the size DESIGN §3 measured on AN4) and train at a
+    Defaults give about 2.5M parameters (the size the founding design measured on AN4) and train at a
     few tenths of a second per batch of 16 on a 2-core CPU.
 
     Args:
