@@ -91,6 +91,8 @@ __all__ = [
     "FORMAT_VERSION",
     "save_sparse",
     "load_sparse",
+    "load_sparse_parts",
+    "SparseParts",
     "read_sparse_meta",
     "read_sparse_header",
     "SparseHeader",
@@ -777,7 +779,28 @@ def _decode_positions(header: SparseHeader, buffer: bytearray, info: TensorInfo,
         raise _fail(header.path, f"{what} does not decode: {exc}", info.name) from None
 
 
-def _decode_tensor(header: SparseHeader, buffer: bytearray, info: TensorInfo) -> torch.Tensor:
+@dataclass
+class SparseParts:
+    """A sparse-stored tensor as its non-zeros, not densified (what ``load_sparse_parts`` returns for them).
+
+    Attributes:
+        shape: the tensor's shape.
+        positions: ``[nnz]`` int64 flat row-major indices of the stored values, increasing.
+        values: ``[nnz]`` the values there (int8-stored ones dequantized per row, as ``load_sparse`` does).
+    """
+
+    shape: tuple
+    positions: torch.Tensor
+    values: torch.Tensor
+
+    def to_dense(self) -> torch.Tensor:
+        dense = torch.zeros(math.prod(self.shape), dtype=self.values.dtype)
+        dense[self.positions] = self.values
+        return dense.view(self.shape)
+
+
+def _decode_tensor(header: SparseHeader, buffer: bytearray, info: TensorInfo, as_parts: bool = False) -> Any:
+    """One tensor, dense; with ``as_parts``, tensors stored sparse come back as :class:`SparseParts`."""
     dtype, shape, numel, encoding = _TORCH_DTYPES[info.dtype], info.shape, info.numel, info.encoding
     values = info.parts.get("values")
     if encoding == "dense":
@@ -792,9 +815,13 @@ def _decode_tensor(header: SparseHeader, buffer: bytearray, info: TensorInfo) ->
 
     if encoding == "sparse":
         int_view = _INT_VIEWS[_ITEMSIZES[info.dtype]]
+        stored = np.frombuffer(buffer, int_view, info.nnz, values[1]) if values is not None else np.zeros(0, int_view)
+        if as_parts:  # negative zeros are zeros to a product: not needed here
+            return SparseParts(tuple(shape), torch.from_numpy(positions.astype(np.int64)),
+                               torch.from_numpy(stored.copy()).view(dtype))
         dense = np.zeros(numel, dtype=int_view)
         if values is not None:
-            dense[positions] = np.frombuffer(buffer, int_view, info.nnz, values[1])
+            dense[positions] = stored
         if info.negative_zeros is not None:
             count, sign_coding, sign_param, _ = info.negative_zeros
             negative = _decode_positions(header, buffer, info, "zsign", numel - info.nnz, count, sign_coding, sign_param)
@@ -804,17 +831,22 @@ def _decode_tensor(header: SparseHeader, buffer: bytearray, info: TensorInfo) ->
         return torch.from_numpy(dense).view(dtype).view(shape)
 
     stored_q = np.frombuffer(buffer, np.int8, values[2] - values[1], values[1]) if values else np.zeros(0, np.int8)
+    _, begin, _ = info.parts["scale"]
+    scale = torch.from_numpy(np.frombuffer(buffer, np.float32, shape[0], begin).copy())
     if positions is not None:
         q = np.zeros(numel, dtype=np.int8)
         q[positions] = stored_q
     else:
         q = stored_q
     q_rows = torch.from_numpy(q).view(shape[0], -1)
-    _, begin, _ = info.parts["scale"]
-    scale = torch.from_numpy(np.frombuffer(buffer, np.float32, shape[0], begin).copy())
     nonempty_rows = q_rows.ne(0).any(dim=1)
     if not torch.isfinite(scale).all() or not torch.equal(scale.gt(0), nonempty_rows) or scale.lt(0).any():
         raise _fail(header.path, "int8 scales are corrupt (must be > 0 exactly for non-empty rows)", info.name)
+    if as_parts and positions is not None:
+        flat = torch.from_numpy(positions.astype(np.int64))
+        row_scale = scale[torch.div(flat, q_rows.shape[1], rounding_mode="floor")]
+        decoded = (torch.from_numpy(stored_q.copy()).to(torch.float32) * row_scale).to(dtype)  # = _dequantize, per value
+        return SparseParts(tuple(shape), flat, decoded)
     return _dequantize(q_rows, scale, dtype).view(shape)
 
 
@@ -855,6 +887,21 @@ def load_sparse(
             (with ``model``) missing/unexpected keys and shape/dtype mismatches. The message names the file
             and the tensor.
     """
+    header, state = _read_tensors(path, verify, as_parts=False)
+    if model is not None:
+        _load_into(header.path, model, state)
+    return state
+
+
+def load_sparse_parts(path: str | os.PathLike, *, verify: bool | str = True) -> dict[str, Any]:
+    """Like :func:`load_sparse`, but tensors stored sparse come back as :class:`SparseParts` (positions and
+    values), never densified: what ``csprune.deploy.load`` builds sparse matrices from. Same checks and errors.
+    With ``verify="full"`` each sparse tensor is densified alone, transiently, to check the decoded digest."""
+    return _read_tensors(path, verify, as_parts=True)[1]
+
+
+def _read_tensors(path: str | os.PathLike, verify: bool | str, as_parts: bool) -> tuple[SparseHeader, dict[str, Any]]:
+    """Read, decode and verify every tensor of ``path`` (see :func:`load_sparse`)."""
     if verify not in VERIFY_MODES:
         raise ConfigError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
     try:
@@ -874,11 +921,11 @@ def load_sparse(
     if verify and header.tensors:
         hasher_thread = threading.Thread(target=_stored_digests, args=(header, buffer, digests), daemon=True)
         hasher_thread.start()
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
     try:
         for name, info in header.tensors.items():
             try:
-                state[name] = _decode_tensor(header, buffer, info)
+                state[name] = _decode_tensor(header, buffer, info, as_parts)
             except CheckpointError:
                 raise
             except Exception as exc:  # anything unforeseen in decoding still names the file and tensor
@@ -897,14 +944,12 @@ def load_sparse(
                     raise _fail(header.path, "SHA-256 mismatch: the stored data is corrupt", info.name)
     if verify == "full":
         hasher = hashlib.sha256()
-        for tensor in state.values():
-            _update_decoded(hasher, tensor)
+        for info, tensor in zip(header.tensors.values(), state.values()):  # sparse parts: densified one at a time
+            _update_decoded(hasher, _decode_tensor(header, buffer, info) if isinstance(tensor, SparseParts) else tensor)
         if _b64(hasher.digest()) != header.metadata.get("decoded_sha256"):
             raise _fail(header.path, "decoded tensors do not match the SHA-256 recorded at save time "
                                      "(stored bytes verified, so the decoder disagrees with the encoder)")
-    if model is not None:
-        _load_into(header.path, model, state)
-    return state
+    return header, state
 
 
 def _load_into(path: str, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

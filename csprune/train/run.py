@@ -221,3 +221,43 @@ def export_run(ctx: RunContext, model: torch.nn.Module, metrics: dict, meta: dic
     print(f"final: {summary} | sparsity {metrics.get('sparsity_actual', 0.0):.3f} | checkpoint {size / 1024:.1f} KiB "
           f"({metrics['compression_ratio']:.2f}x smaller than dense fp32) | {ctx.run_dir}", flush=True)
     return metrics
+
+
+DEPLOY_MODES = ("dense", "sparse")
+"""``deploy=`` of the recipes' inference modes: the exported zeros multiplied as they are, or ``csprune.deploy``'s forms."""
+
+
+def load_export(ckpt: str, model: torch.nn.Module, deploy: str, example: Callable[[torch.nn.Module], Any]) -> torch.nn.Module:
+    """Load an exported ``model.safetensors`` into ``model`` for inference, dense or deployed (both recipes).
+
+    Args:
+        ckpt: the export.
+        model: its architecture; with ``deploy="sparse"`` best built under ``torch.device("meta")`` (its dense
+            weights are then never allocated).
+        deploy: ``"dense"`` (``load_sparse``) or ``"sparse"`` (``csprune.deploy.load``: each pruned matrix in the form
+            that is fastest on ``example``, every decision logged on stderr).
+        example: the real workload (or a short piece of it), run once to time each matrix on its true input.
+
+    Raises:
+        ConfigError: ``deploy`` is neither.
+    """
+    from .. import load_sparse
+    from ..errors import ConfigError
+
+    if deploy not in DEPLOY_MODES:
+        raise ConfigError(f"deploy={deploy!r}: expected one of {DEPLOY_MODES}")
+    if deploy == "dense":
+        load_sparse(ckpt, model=model)
+        return model.eval()
+    from ..deploy import load
+
+    model.eval()
+    report = load(ckpt, model, example)
+    counts = report.forms()
+    print(f"deploy=sparse: {counts.get('csr', 0)} of {len(report.decisions)} weight matrices in CSR, the rest dense "
+          f"(faster by measurement); {len(report.skipped)} layers below the minimum sparsity left as they are",
+          file=sys.stderr, flush=True)
+    for d in report.decisions:
+        print(f"  {d.name}: {d.form} ({', '.join(f'{f} {t:.1f} µs' for f, t in d.micros.items())}, sparsity {d.sparsity:.2f})",
+              file=sys.stderr)
+    return model

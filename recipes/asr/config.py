@@ -86,6 +86,8 @@ class ASRConfig:
     init_from: Optional[str] = None  # dense training checkpoint to start from (skips dense training)
     ckpt: Optional[str] = None  # transcribe: an exported model.safetensors
     input: Optional[str] = None  # transcribe: a WAV/FLAC file
+    streaming: bool = False  # transcribe, lstm_rnnt: decode frame by frame (look-ahead: one encoder step), printing partials
+    deploy: str = "dense"  # transcribe: dense | sparse (csprune.deploy: each pruned matrix in its fastest form, measured)
     output_dir: Optional[str] = None  # None: Hydra's run dir
 
 

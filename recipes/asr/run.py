@@ -3,7 +3,7 @@
     python recipes/asr/run.py                                   # dense Conformer-CTC
     python recipes/asr/run.py +prune=csp                         # ... then CSP to 70% + fine-tuning
     python recipes/asr/run.py -m +prune=csp,gmp prune.sparsity=0.5,0.9 init_from=outputs/.../dense.pt
-    python recipes/asr/run.py mode=transcribe ckpt=RUN/model.safetensors input=FILE.wav
+    python recipes/asr/run.py mode=transcribe ckpt=RUN/model.safetensors input=FILE.wav [deploy=sparse] [streaming=true]
 
 Each run folder holds metrics.json, TensorBoard events, dense.pt (the dense model, reusable with
 ``init_from``), model.safetensors (the sparse export) and Hydra's .hydra/.
@@ -31,7 +31,7 @@ from csprune.train.checkpoint import check_compatible, compat_record, find_resum
 from csprune.train.config import build_pruner
 from csprune.train.ddp import check_weights_agree, wrap_ddp
 from csprune.train.loop import fit, fit_config, warmup_cosine
-from csprune.train.run import RunContext, export_run, finish_pruning, launch, prune_oneshot, saved_so_far, start_run
+from csprune.train.run import RunContext, export_run, finish_pruning, launch, load_export, prune_oneshot, saved_so_far, start_run
 from recipes.hydra_run import run_dir
 from recipes.asr.config import register_configs
 from recipes.asr.data import ASRBatch, AN4Dataset, LengthBucketBatchSampler, collate_asr, default_an4_root, read_an4_split
@@ -170,7 +170,7 @@ def _loss(device):
 # trainer.micro_batches is free because the shard count (DDP ranks x micro-batches) is checked instead:
 # 2 ranks resumed as 1 process with micro_batches=2 compute the same steps.
 RESUME_FREE = {"trainer": ("resume", "checkpoint_every", "keep_last", "threads", "device", "log_every", "micro_batches", "max_bad_steps"),
-               "data": ("root", "cache_dir"), "": ("output_dir", "mode", "ckpt", "input")}
+               "data": ("root", "cache_dir"), "": ("output_dir", "mode", "ckpt", "input", "streaming", "deploy")}
 
 
 @dataclasses.dataclass
@@ -352,25 +352,47 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def transcribe(cfg: DictConfig) -> str:
-    """Print the transcript of ``cfg.input`` with the exported model ``cfg.ckpt``."""
+    """Print the transcript of ``cfg.input`` with the exported model ``cfg.ckpt`` (``deploy=sparse``: in its deployed
+    form; ``streaming=true``: frame by frame, partial hypotheses on stderr as they grow)."""
     if not cfg.ckpt or not cfg.input:
         raise ConfigError("mode=transcribe needs ckpt=PATH/model.safetensors and input=FILE.wav")
     meta = csprune.read_sparse_meta(cfg.ckpt)
     for key in ("model", "vocab", "cmvn", "fbank"):
         if key not in meta:
             raise CheckpointError(cfg.ckpt, f"metadata lacks {key!r}; not an ASR recipe export")
+    if cfg.streaming and meta["model"]["name"] != "lstm_rnnt":
+        raise ConfigError(f"streaming=true needs an lstm_rnnt export; {cfg.ckpt} holds {meta['model']['name']}")
     vocab = CharVocab.from_dict(meta["vocab"])
-    model = make_model(meta["model"], vocab)
-    csprune.load_sparse(cfg.ckpt, model=model)
-    model.eval()
     fbank = FbankConfig(**meta["fbank"])
     wave = read_audio(cfg.input, fbank.sample_rate)
     feats = GlobalCMVN.from_dict(meta["cmvn"])(compute_fbank(wave, fbank))
-    with torch.no_grad():
-        ids = model.greedy_decode(feats.unsqueeze(0), torch.tensor([feats.shape[0]]))[0]
-    text = vocab.decode(ids)
+    decode = _streaming_decode(vocab, feats, show=True) if cfg.streaming else _full_decode(feats)
+    with torch.device("meta" if cfg.deploy == "sparse" else "cpu"):
+        model = make_model(meta["model"], vocab)
+    load_export(cfg.ckpt, model, cfg.deploy, _streaming_decode(vocab, feats, show=False) if cfg.streaming else decode)
+    text = vocab.decode(decode(model))
     print(text)
     return text
+
+
+def _full_decode(feats: torch.Tensor):
+    def decode(model) -> list[int]:
+        with torch.inference_mode():
+            return model.greedy_decode(feats.unsqueeze(0), torch.tensor([feats.shape[0]]))[0]
+    return decode
+
+
+def _streaming_decode(vocab: CharVocab, feats: torch.Tensor, show: bool):
+    """Frame-by-frame decoding of ``feats`` (fed one encoder step at a time, as a microphone would)."""
+    from recipes.asr.streaming import StreamingGreedyRNNT
+
+    def decode(model) -> list[int]:
+        stream = StreamingGreedyRNNT(model)
+        for chunk in feats.split(stream.reduction):
+            if stream.push(chunk) and show:
+                print(f"partial: {vocab.decode(stream.tokens)}", file=sys.stderr, flush=True)
+        return stream.finish()
+    return decode
 
 
 register_configs()

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 if __package__ in (None, ""):  # run as a script: make `recipes.codec` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -35,7 +35,7 @@ from csprune.train.checkpoint import load_checkpoint, save_checkpoint
 from csprune.train.config import build_pruner
 from csprune.train.ddp import check_weights_agree, wrap_ddp
 from csprune.train.loop import fit, fit_config, warmup_cosine
-from csprune.train.run import RunContext, export_run, finish_pruning, launch, prune_oneshot, saved_so_far, start_run
+from csprune.train.run import RunContext, export_run, finish_pruning, launch, load_export, prune_oneshot, saved_so_far, start_run
 from recipes.hydra_run import run_dir
 from recipes.codec.codec import CodedUtterance, SpeechCodec
 from recipes.codec.config import register_configs
@@ -364,14 +364,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return export_stage(ctx, job, metrics, dense) if ctx.main_rank else metrics
 
 
-def load_codec(ckpt: str) -> SpeechCodec:
-    """The codec of an exported model.safetensors (its metadata says how to build it)."""
+def load_codec(ckpt: str, deploy: str = "dense", example: Callable[[SpeechCodec], Any] | None = None) -> SpeechCodec:
+    """The codec of an exported model.safetensors (its metadata says how to build it).
+
+    Args:
+        ckpt: the export.
+        deploy: ``dense`` | ``sparse`` (``csprune.train.run.load_export``).
+        example: with ``deploy="sparse"``, the workload to time the matrices on (run once on the loaded codec).
+    """
     meta = csprune.read_sparse_meta(ckpt)
     if meta.get("recipe") != "codec" or "model" not in meta:
         raise CheckpointError(ckpt, f"not a codec recipe export (metadata recipe={meta.get('recipe')!r})")
     codec = build_codec(meta["model"], meta.get("lpc"))
-    csprune.load_sparse(ckpt, model=codec.model)
-    codec.model.eval()
+    load_export(ckpt, codec.model, deploy, None if example is None else (lambda _model: example(codec)))
     return codec
 
 
@@ -385,8 +390,8 @@ def _need(cfg: DictConfig, *keys: str) -> None:
 def encode_file(cfg: DictConfig) -> dict[str, Any]:
     """mode=encode: WAV (any rate: resampled to 16 kHz, channels averaged) -> .cmrl file."""
     _need(cfg, "ckpt", "input", "output")
-    codec = load_codec(cfg.ckpt)
     wave = read_audio(cfg.input, SAMPLE_RATE)
+    codec = load_codec(cfg.ckpt, cfg.deploy, lambda c: c.encode(wave[:SAMPLE_RATE]))  # deploy times on the first second
     coded = codec.encode(wave)
     size = codec.write(cfg.output, coded)
     seconds = wave.numel() / SAMPLE_RATE
@@ -399,7 +404,7 @@ def decode_file(cfg: DictConfig) -> dict[str, Any]:
     import soundfile as sf
 
     _need(cfg, "ckpt", "input", "output")
-    codec = load_codec(cfg.ckpt)
+    codec = load_codec(cfg.ckpt, cfg.deploy, lambda c: c.decode(c.encode(torch.zeros(SAMPLE_RATE))))  # 1 s: the shapes decode sees
     coded: CodedUtterance = codec.read(cfg.input)
     wave = codec.decode(coded)
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
