@@ -276,12 +276,18 @@ class DeployedLSTM(nn.Module):
         return [(zero, zero) for _ in range(self.num_layers * self.directions)]
 
     def _cell(self, index: int, gates_x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        """One LSTM cell from the input's gate pre-activations ``[B, 4H]`` (gate order i, f, g, o as torch's)."""
         h, c = state
-        gates = gates_x + self.hh[index](h)
-        i, f, g, o = gates.chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        return h, c
+        hh = self.hh[index]
+        if hh.form == "csr" and h.shape[0] == 1:  # batch 1: the recurrent product accumulates into the gates (one op)
+            gates = torch.addmv(gates_x[0], hh.weight, h[0]).unsqueeze(0)
+        else:
+            gates = gates_x + hh(h)
+        act = torch.sigmoid(gates)  # all four gates in one op; g's sigmoid is unused (fewer ops beat less arithmetic here)
+        size = self.hidden_size
+        i, f, o = act[:, :size], act[:, size: 2 * size], act[:, 3 * size:]
+        c = torch.addcmul(f * c, i, torch.tanh(gates[:, 2 * size: 3 * size]))
+        return o * torch.tanh(c), c
 
     def step(self, x: torch.Tensor, state: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
         """One time step of a unidirectional LSTM.
