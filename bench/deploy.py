@@ -2,7 +2,8 @@
 
 For each sparsity the model is pruned per layer with ``Magnitude`` (the deploy forms depend on the zeros, not on
 how they were chosen), exported with ``save_sparse``, and loaded twice: dense (``load_sparse`` into the model) and
-deployed (``csprune.deploy.load`` into a model built on the meta device, so its dense weights never exist). Then:
+deployed (``csprune.deploy.load``; ``build_for_load`` builds a model this small on the CPU, since the meta device would
+cost more than the dense weights it saves). Then:
 
 - **latency per layer kind**: median over the layers of a kind of the timed µs per call, dense vs csr, on the
   input each layer sees in the workload (one row for the streaming RNN-T, the utterance's frames for the Conformer);
@@ -31,7 +32,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -125,15 +125,42 @@ def targets_of(name: str):
 
 
 def count_bytes(model: torch.nn.Module, run) -> tuple[int, int]:
-    """(bytes read as deployed, bytes the same calls read dense) by the weight matrices in one ``run(model)``."""
+    """(bytes read as deployed, bytes the same calls read dense) by the weight matrices in one ``run(model)``.
+
+    A matrix reads its weight once per call: a product over many rows (a whole utterance) once, a streaming
+    step's matrix-vector product once per step. LSTM matrices are counted per ``step`` (each layer's ``ih`` and
+    ``hh``) and per sequence ``forward`` (``ih`` once, ``hh`` once per time step), since the fused dense cell
+    takes the weights without calling the matrix modules.
+    """
     calls = defaultdict(int)
+    lstm_matrices = {id(m) for lstm in model.modules() if isinstance(lstm, dep.DeployedLSTM) for m in lstm.modules()}
     hooks = [m.register_forward_pre_hook(lambda mod, _args: calls.__setitem__(mod, calls[mod] + 1))
-             for m in model.modules() if isinstance(m, dep.SparseMatrix)]
+             for m in model.modules() if isinstance(m, dep.SparseMatrix) and id(m) not in lstm_matrices]
+    originals = {}
+    for lstm in model.modules():
+        if isinstance(lstm, dep.DeployedLSTM):
+            def counted_step(x, state=None, _lstm=lstm, _step=lstm.step):
+                for index in range(_lstm.num_layers):
+                    calls[_lstm.ih[index]] += 1
+                    calls[_lstm.hh[index]] += 1
+                return _step(x, state)
+
+            def on_forward(mod, args):
+                steps = args[0].shape[1 if mod.batch_first else 0]
+                for index in range(len(mod.ih)):
+                    calls[mod.ih[index]] += 1
+                    calls[mod.hh[index]] += steps
+
+            originals[lstm] = lstm.step
+            lstm.step = counted_step
+            hooks.append(lstm.register_forward_pre_hook(on_forward))
     try:
         run(model)
     finally:
         for h in hooks:
             h.remove()
+        for lstm, step in originals.items():
+            lstm.step = step
     deployed = sum(n * m.weight_bytes() for m, n in calls.items())
     dense = sum(n * (m.shape[0] * m.shape[1] * 4 + (0 if m.bias is None else m.bias.numel() * 4)) for m, n in calls.items())
     return deployed, dense
@@ -160,10 +187,12 @@ def child(args) -> None:
 
             prepare_streaming(model)
     else:
-        model = build(meta, "meta")
+        model = dep.build_for_load(args.child_ckpt, lambda: build(meta))
         dep.load(args.child_ckpt, model, run)
     run(model)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec.
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mb": int(hwm.split()[1]) / 1024}))
 
 
 def peak_rss(ckpt: str, mode: str, seconds: float) -> float:
@@ -203,7 +232,8 @@ def bench_model(name: str, ckpt: str | None, sparsities: list[float], seconds: f
         csprune.save_sparse(model, path, meta={k: v for k, v in meta.items() if v is not None} | {"model": meta["model"]})
         dense = build(meta)
         csprune.load_sparse(path, model=dense)
-        deployed = build(meta, "meta")
+        dense_mb = model_bytes(dense) / 1e6  # before streaming gives its LSTMs a stepper (which shares nothing)
+        deployed = dep.build_for_load(path, lambda: build(meta))
         report = dep.load(path, deployed, run)
         if name == "lstm_rnnt":
             from recipes.asr.streaming import prepare_streaming
@@ -220,7 +250,7 @@ def bench_model(name: str, ckpt: str | None, sparsities: list[float], seconds: f
         row = {"model": name, "sparsity": sparsity, "rtf_dense": t["dense"] / seconds, "rtf_deployed": t["deployed"] / seconds,
                "speedup": t["dense"] / t["deployed"], "same_transcript": same,
                "bytes_per_s_dense": read_dense / seconds, "bytes_per_s_deployed": read / seconds,
-               "forms": dict(report.forms()), "model_mb_dense": model_bytes(dense) / 1e6, "model_mb_deployed": model_bytes(deployed) / 1e6,
+               "forms": dict(report.forms()), "model_mb_dense": dense_mb, "model_mb_deployed": model_bytes(deployed) / 1e6,
                "kinds": {k: {f: statistics.median(v) for f, v in fv.items()} for k, fv in kinds.items()},
                "peak_rss_mb_dense": peak_rss(str(path), "dense", seconds),
                "peak_rss_mb_deployed": peak_rss(str(path), "deployed", seconds)}

@@ -3,7 +3,7 @@
 A finalized model multiplies by its zeros. :func:`deploy` replaces its pruned layers (Linear, Conv1d with
 ``groups=1``, LSTM, MultiheadAttention) by equivalents whose weight matrices are :class:`SparseMatrix`
 leaves, runs an example of the real workload once to record the input shape each matrix sees, times every
-candidate form on that shape, and keeps the fastest (docs/design.md §9). Forms (:data:`FORMS`):
+candidate form on that shape, and keeps the fastest (docs/design.md §8). Forms (:data:`FORMS`):
 
 * ``dense``: the weight as it is (``F.linear``); the fallback whenever nothing else is faster.
 * ``csr``: ``torch.sparse_csr_tensor`` with int32 indices (``torch.mv`` / ``torch.addmm`` on CSR, MKL
@@ -38,7 +38,7 @@ from .export.format import SparseParts, load_sparse_parts
 
 __all__ = [
     "FORMS", "SparseMatrix", "DeployedLinear", "DeployedConv1d", "DeployedLSTM", "DeployedMultiheadAttention",
-    "Decision", "DeployReport", "deploy", "load", "as_deployed_lstm",
+    "Decision", "DeployReport", "deploy", "load", "build_for_load", "as_deployed_lstm",
 ]
 
 log = logging.getLogger("csprune.deploy")
@@ -609,6 +609,28 @@ def _choose(name: str, kind: str, matrix: SparseMatrix, seen: Counter, forms: tu
     return decision
 
 
+META_BUILD_MIN_BYTES = 256 << 20  # building on "meta" costs ~160 MB once (torch's meta init kernels import sympy/mpmath)
+
+
+def build_for_load(path: Any, factory: Callable[[], nn.Module]) -> nn.Module:
+    """``factory()`` under ``torch.device("meta")`` when the checkpoint's dense tensors would take at least
+    :data:`META_BUILD_MIN_BYTES` (its dense weights are then never allocated), else on the CPU: for a smaller
+    model the meta device's one-time cost exceeds the dense weights it saves."""
+    from .export.format import read_sparse_header
+
+    header = read_sparse_header(path)
+    dense_bytes = sum(info.numel * torch.empty((), dtype=_dtype_of(info.dtype)).element_size()
+                      for info in header.tensors.values())
+    with torch.device("meta" if dense_bytes >= META_BUILD_MIN_BYTES else "cpu"):
+        return factory()
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    from .export.format import _TORCH_DTYPES
+
+    return _TORCH_DTYPES[name]
+
+
 def load(path: Any, model: nn.Module, example: Callable[[nn.Module], Any] | None = None, *, verify: bool | str = True,
          **deploy_kwargs: Any) -> DeployReport:
     """Load a sparse checkpoint straight into the deployed form (a documented one-liner for ``load_sparse`` + :func:`deploy`).
@@ -619,8 +641,9 @@ def load(path: Any, model: nn.Module, example: Callable[[nn.Module], Any] | None
 
     Args:
         path: a file written by ``csprune.save_sparse``.
-        model: the architecture the file was saved from (its own weights are replaced). Build it under
-            ``with torch.device("meta"):`` and its dense weights are never allocated at all.
+        model: the architecture the file was saved from (its own weights are replaced). Built under
+            ``with torch.device("meta"):`` its dense weights are never allocated at all (:func:`build_for_load`
+            does that for large models).
         example, **deploy_kwargs: as for :func:`deploy`.
         verify: as for ``csprune.load_sparse``.
     """

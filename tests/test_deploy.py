@@ -261,3 +261,16 @@ def test_semi_structured_2_4_on_gpu():
     assert report.decisions[0].form == "semi_structured"
     out = holder.layer(x)
     assert (out - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+def test_build_for_load_uses_meta_only_for_large_models(tmp_path, monkeypatch):
+    """The meta device costs a fixed ~160 MB of imports: small models are built on the CPU, large ones on meta."""
+    net = _prune(_Net(), 0.9)
+    path = tmp_path / "net.safetensors"
+    csprune.save_sparse(net, path)
+    assert not any(p.is_meta for p in dep.build_for_load(path, _Net).parameters())
+    monkeypatch.setattr(dep, "META_BUILD_MIN_BYTES", 1)
+    model = dep.build_for_load(path, _Net)
+    assert all(p.is_meta for p in model.parameters())
+    dep.load(path, model.eval(), None, forms=("csr",), budget_s=1e-4)
+    assert not any(t.is_meta for t in model.state_dict().values())

@@ -227,13 +227,14 @@ DEPLOY_MODES = ("dense", "sparse")
 """``deploy=`` of the recipes' inference modes: the exported zeros multiplied as they are, or ``csprune.deploy``'s forms."""
 
 
-def load_export(ckpt: str, model: torch.nn.Module, deploy: str, example: Callable[[torch.nn.Module], Any]) -> torch.nn.Module:
-    """Load an exported ``model.safetensors`` into ``model`` for inference, dense or deployed (both recipes).
+def load_export(ckpt: str, build: Callable[[], torch.nn.Module], deploy: str,
+                example: Callable[[torch.nn.Module], Any] | None) -> torch.nn.Module:
+    """The model of an exported ``model.safetensors``, loaded for inference, dense or deployed (both recipes).
 
     Args:
         ckpt: the export.
-        model: its architecture; with ``deploy="sparse"`` best built under ``torch.device("meta")`` (its dense
-            weights are then never allocated).
+        build: makes its architecture (with ``deploy="sparse"`` it is built on the meta device when the model is
+            large, ``csprune.deploy.build_for_load``).
         deploy: ``"dense"`` (``load_sparse``) or ``"sparse"`` (``csprune.deploy.load``: each pruned matrix in the form
             that is fastest on ``example``, every decision logged on stderr).
         example: the real workload (or a short piece of it), run once to time each matrix on its true input.
@@ -247,11 +248,12 @@ def load_export(ckpt: str, model: torch.nn.Module, deploy: str, example: Callabl
     if deploy not in DEPLOY_MODES:
         raise ConfigError(f"deploy={deploy!r}: expected one of {DEPLOY_MODES}")
     if deploy == "dense":
+        model = build()
         load_sparse(ckpt, model=model)
         return model.eval()
-    from ..deploy import load
+    from ..deploy import build_for_load, load
 
-    model.eval()
+    model = build_for_load(ckpt, build).eval()
     report = load(ckpt, model, example)
     counts = report.forms()
     print(f"deploy=sparse: {counts.get('csr', 0)} of {len(report.decisions)} weight matrices in CSR, the rest dense "

@@ -367,9 +367,8 @@ def transcribe(cfg: DictConfig) -> str:
     wave = read_audio(cfg.input, fbank.sample_rate)
     feats = GlobalCMVN.from_dict(meta["cmvn"])(compute_fbank(wave, fbank))
     decode = _streaming_decode(vocab, feats, show=True) if cfg.streaming else _full_decode(feats)
-    with torch.device("meta" if cfg.deploy == "sparse" else "cpu"):
-        model = make_model(meta["model"], vocab)
-    load_export(cfg.ckpt, model, cfg.deploy, _streaming_decode(vocab, feats, show=False) if cfg.streaming else decode)
+    model = load_export(cfg.ckpt, lambda: make_model(meta["model"], vocab), cfg.deploy,
+                        _streaming_decode(vocab, feats, show=False) if cfg.streaming else decode)
     text = vocab.decode(decode(model))
     print(text)
     return text

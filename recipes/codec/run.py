@@ -376,7 +376,8 @@ def load_codec(ckpt: str, deploy: str = "dense", example: Callable[[SpeechCodec]
     if meta.get("recipe") != "codec" or "model" not in meta:
         raise CheckpointError(ckpt, f"not a codec recipe export (metadata recipe={meta.get('recipe')!r})")
     codec = build_codec(meta["model"], meta.get("lpc"))
-    load_export(ckpt, codec.model, deploy, None if example is None else (lambda _model: example(codec)))
+    # built here with its LPC front end and framing, so it is deployed in place (small: no meta device needed)
+    codec.model = load_export(ckpt, lambda: codec.model, deploy, None if example is None else (lambda _model: example(codec)))
     return codec
 
 
