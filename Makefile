@@ -42,6 +42,8 @@ bench: $(STAMP)
 	$(VPY) bench/support_error.py
 	$(VPY) bench/solvers.py
 	$(VPY) bench/overhead.py
+	$(VPY) bench/export.py
+	OMP_NUM_THREADS=1 $(VPY) bench/deploy.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache docs/api

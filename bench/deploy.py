@@ -124,8 +124,8 @@ def targets_of(name: str):
     return DEFAULT_TARGETS.get(name)
 
 
-def count_bytes(model: torch.nn.Module, run) -> tuple[int, int]:
-    """(bytes read as deployed, bytes the same calls read dense) by the weight matrices in one ``run(model)``.
+def count_bytes(model: torch.nn.Module, run) -> tuple[int, int, dict]:
+    """(bytes read as deployed, bytes the same calls read dense, calls per matrix name) in one ``run(model)``.
 
     A matrix reads its weight once per call: a product over many rows (a whole utterance) once, a streaming
     step's matrix-vector product once per step. LSTM matrices are counted per ``step`` (each layer's ``ih`` and
@@ -163,7 +163,8 @@ def count_bytes(model: torch.nn.Module, run) -> tuple[int, int]:
             lstm.step = step
     deployed = sum(n * m.weight_bytes() for m, n in calls.items())
     dense = sum(n * (m.shape[0] * m.shape[1] * 4 + (0 if m.bias is None else m.bias.numel() * 4)) for m, n in calls.items())
-    return deployed, dense
+    names = {m: name for name, m in model.named_modules()}
+    return deployed, dense, {names[m]: n for m, n in calls.items()}
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -241,7 +242,10 @@ def bench_model(name: str, ckpt: str | None, sparsities: list[float], seconds: f
             prepare_streaming(dense)  # the same streaming code: the dense LSTMs step through torch's fused lstm_cell
         same = run(dense) == run(deployed)
         t = interleaved({"dense": lambda: run(dense), "deployed": lambda: run(deployed)}, repeats)
-        read, read_dense = count_bytes(deployed, run)  # the same calls, each matrix counted in its form and dense
+        read, read_dense, calls = count_bytes(deployed, run)  # the same calls, each matrix counted in its form and dense
+        # Amdahl: the share of the dense run spent in weight products bounds what any sparse form can gain
+        by_name = {d.name: d for d in report.decisions}
+        products_dense = sum(n * by_name[name].micros["dense"] for name, n in calls.items()) * 1e-6
         kinds = defaultdict(lambda: defaultdict(list))
         for d in report.decisions:
             for form, micros in d.micros.items():
@@ -249,6 +253,7 @@ def bench_model(name: str, ckpt: str | None, sparsities: list[float], seconds: f
             kinds[d.kind]["chosen"].append(d.micros[d.form])
         row = {"model": name, "sparsity": sparsity, "rtf_dense": t["dense"] / seconds, "rtf_deployed": t["deployed"] / seconds,
                "speedup": t["dense"] / t["deployed"], "same_transcript": same,
+               "products_share": products_dense / t["dense"], "speedup_bound": 1 / max(1 - products_dense / t["dense"], 1e-9),
                "bytes_per_s_dense": read_dense / seconds, "bytes_per_s_deployed": read / seconds,
                "forms": dict(report.forms()), "model_mb_dense": dense_mb, "model_mb_deployed": model_bytes(deployed) / 1e6,
                "kinds": {k: {f: statistics.median(v) for f, v in fv.items()} for k, fv in kinds.items()},
@@ -256,7 +261,8 @@ def bench_model(name: str, ckpt: str | None, sparsities: list[float], seconds: f
                "peak_rss_mb_deployed": peak_rss(str(path), "deployed", seconds)}
         rows.append(row)
         print(f"sparsity {sparsity}: RTF dense {row['rtf_dense']:.4f} deployed {row['rtf_deployed']:.4f} "
-              f"({row['speedup']:.2f}× faster); weight MB/s of audio {read_dense / seconds / 1e6:.1f} -> {read / seconds / 1e6:.1f} "
+              f"({row['speedup']:.2f}× faster; weight products {100 * row['products_share']:.0f}% of the dense time, so at most "
+              f"{row['speedup_bound']:.2f}×); weight MB/s of audio {read_dense / seconds / 1e6:.1f} -> {read / seconds / 1e6:.1f} "
               f"({read_dense / max(read, 1):.2f}× less); model {row['model_mb_dense']:.1f} -> {row['model_mb_deployed']:.1f} MB; peak RSS {row['peak_rss_mb_dense']:.0f} -> {row['peak_rss_mb_deployed']:.0f} MB; "
               f"forms {row['forms']}; same transcript: {same}", flush=True)
     return rows
@@ -264,14 +270,16 @@ def bench_model(name: str, ckpt: str | None, sparsities: list[float], seconds: f
 
 def print_tables(rows: list[dict]) -> None:
     print("\n| model | sparsity | RTF dense | RTF deployed | speed-up | weight MB read / s audio (dense → deployed) | "
-          "less read | model MB (dense → deployed) | peak RSS MB (dense → deployed) | csr matrices | same transcript |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "less read | model MB (dense → deployed) | peak RSS MB (dense → deployed) | csr matrices | same transcript | "
+          "products' share of dense time | speed-up bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         forms = r["forms"]
         print(f"| {r['model']} | {r['sparsity']} | {r['rtf_dense']:.4f} | {r['rtf_deployed']:.4f} | {r['speedup']:.2f}× | "
               f"{r['bytes_per_s_dense'] / 1e6:.1f} → {r['bytes_per_s_deployed'] / 1e6:.1f} | "
               f"{r['bytes_per_s_dense'] / max(r['bytes_per_s_deployed'], 1):.2f}× | {r['model_mb_dense']:.1f} → {r['model_mb_deployed']:.1f} | {r['peak_rss_mb_dense']:.0f} → "
-              f"{r['peak_rss_mb_deployed']:.0f} | {forms.get('csr', 0)}/{sum(forms.values())} | {r['same_transcript']} |")
+              f"{r['peak_rss_mb_deployed']:.0f} | {forms.get('csr', 0)}/{sum(forms.values())} | {r['same_transcript']} | "
+              f"{100 * r['products_share']:.0f}% | {r['speedup_bound']:.2f}× |")
     print("\nLatency per layer kind (median µs per call over the layers of the kind; csr/dense < 1 is faster):\n")
     print("| model | kind | sparsity | dense µs | csr µs | csr / dense | chosen µs |")
     print("|---|---|---|---|---|---|---|")

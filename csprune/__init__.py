@@ -9,13 +9,13 @@ Public API (docs/design.md §2)::
 
 __version__ = "0.1.0"
 
-from . import methods, schedules, solvers  # noqa: E402
+from . import deploy, methods, schedules, solvers  # noqa: E402
 from .errors import CheckpointError, CsPruneError  # noqa: E402
 from .export import inspect_sparse, load_sparse, read_sparse_meta, save_sparse  # noqa: E402
 from .pruner import Pruner, prune_once  # noqa: E402
 
 __all__ = [
-    "Pruner", "prune_once", "methods", "schedules", "solvers",
+    "Pruner", "prune_once", "methods", "schedules", "solvers", "deploy",
     "save_sparse", "load_sparse", "inspect_sparse", "read_sparse_meta", "CheckpointError", "CsPruneError",
     "__version__",
 ]
