@@ -124,7 +124,7 @@ def test_event_files_hold_the_codec_tags(codec_smoke):
     _, pruned_dir, _, _ = codec_smoke
     scalars, audio = _event_tags(pruned_dir)
     for tag in ("finetune/loss", "finetune/nmse", "finetune/mel", "finetune/entropy_m0", "finetune/bitrate_m1",
-                "finetune/tau_m0", "eval/pesq", "eval/snr", "eval/stoi", "eval/bitrate_real", "eval/bitrate_entropy",
+                "finetune/rate_weight_m0", "finetune/hard_entropy_m0", "eval/pesq", "eval/snr", "eval/stoi", "eval/bitrate_real", "eval/bitrate_entropy",
                 "sparsity/total", "prune/rel_error"):
         assert tag in scalars, tag
     assert any(t.endswith("/reference") for t in audio) and any(t.endswith("/eval") for t in audio)
@@ -161,7 +161,7 @@ def test_hard_codes_take_only_centroid_values_at_inference():
     x = torch.rand(4, 256) * 2 - 1
     quantizer.eval()
     q = quantizer(x)["q"]
-    distance = (q.unsqueeze(-1) - quantizer.centroids).abs().min(-1).values
+    distance = (q.unsqueeze(-1) - quantizer.levels()).abs().min(-1).values  # levels(): the centroids as used
     assert torch.all(distance == 0)
     quantizer.train()
     x.requires_grad_(True)
@@ -172,15 +172,15 @@ def test_hard_codes_take_only_centroid_values_at_inference():
     soft_quantizer = SoftToHardQuantizer(32, straight_through=False)
     soft_quantizer.load_state_dict(quantizer.state_dict())
     soft = soft_quantizer(x.detach())["q"]
-    assert (soft.unsqueeze(-1) - quantizer.centroids).abs().min(-1).values.max() > 0  # soft values lie between centroids
+    assert (soft.unsqueeze(-1) - quantizer.levels()).abs().min(-1).values.max() > 0  # soft values lie between centroids
 
 
-def _train_entropy(tau: float, steps: int = 80) -> float:
-    """Soft-histogram entropy after training a tiny module for `steps` with a fixed entropy weight τ."""
+def _train_entropy(weight: float, steps: int = 80) -> float:
+    """Soft-histogram entropy after training a tiny module for `steps` with a fixed entropy weight λ (no control)."""
     torch.manual_seed(0)
     model = CMRL(1, wide=16, narrow=8, blocks=1)
-    # A budget far below what the module spends keeps the entropy hinge active: τ alone sets the pressure.
-    loss = CodecLoss(LossConfig(entropy_weight_init=tau, rate_gain=0.0, mel_weight=0.0, target_bitrate=500.0), 1, 8533.3)
+    loss = CodecLoss(LossConfig(rate_weight_init=weight, rate_gain=0.0, rate_p_gain=0.0, mel_weight=0.0,
+                                target_bitrate=8533.3), 1, 8533.3)  # budget 1 bit/value: λ·H/1
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     t = torch.arange(512) / 16000
     gen = torch.Generator().manual_seed(1)
@@ -198,40 +198,40 @@ def _train_entropy(tau: float, steps: int = 80) -> float:
 
 
 def test_entropy_estimate_falls_as_the_entropy_weight_rises():
-    entropies = [_train_entropy(tau) for tau in (0.0, 0.05, 0.5)]
+    entropies = [_train_entropy(weight) for weight in (0.0, 0.05, 0.5)]
     assert entropies[0] > entropies[1] > entropies[2], entropies
 
 
-def test_rate_control_moves_tau_toward_the_target():
-    loss = CodecLoss(LossConfig(target_bitrate=16000, entropy_weight_init=0.1, rate_gain=0.05), 2, 8533.3)
+def test_rate_control_moves_once_per_step_and_skips_bad_steps():
+    loss = CodecLoss(LossConfig(target_bitrate=16000, rate_weight_init=0.1, rate_gain=0.05), 2, 8533.3)
     frames = torch.randn(2, 512)
-    over = [{"entropy": torch.tensor(3.0), "penalty": torch.tensor(0.0)}] * 2  # 25.6 kbit/s a module > 8 kbit/s
+    over = [{"entropy": torch.tensor(3.0), "hard_entropy": 3.0, "penalty": torch.tensor(0.0)}] * 2  # 25.6 kbit/s > 8
     loss(frames, frames, over)
-    assert torch.all(loss.tau == 0.1)  # τ moves once per optimizer step, not per batch
+    assert torch.allclose(loss.rate_weight, torch.tensor(0.1))  # λ moves once per optimizer step, not per batch
     loss.step_rate_control()
-    assert torch.all(loss.tau > 0.1)
-    under = [{"entropy": torch.tensor(0.2), "penalty": torch.tensor(0.0)}] * 2
-    before = loss.tau.clone()
+    assert torch.all(loss.rate_weight > 0.1)
+    under = [{"entropy": torch.tensor(0.2), "hard_entropy": 0.2, "penalty": torch.tensor(0.0)}] * 2
+    before = loss.rate_weight.clone()
     loss(frames, frames, under)
-    loss.step_rate_control(applied=False)  # a skipped step leaves τ alone
-    assert torch.equal(loss.tau, before)
+    loss.step_rate_control(applied=False)  # a skipped step leaves λ alone
+    assert torch.equal(loss.rate_weight, before)
     loss(frames, frames, under)
     loss.step_rate_control()
-    assert torch.all(loss.tau < before)
+    assert torch.all(loss.rate_weight < before)
 
 
 def test_rate_control_uses_the_mean_bitrate_of_a_steps_micro_batches():
-    def tau_after(entropies):
-        loss = CodecLoss(LossConfig(target_bitrate=16000, entropy_weight_init=0.1, rate_gain=0.05), 1, 8533.3)
+    def weight_after(entropies):
+        loss = CodecLoss(LossConfig(target_bitrate=16000, rate_weight_init=0.1, rate_gain=0.05), 1, 8533.3)
         frames = torch.randn(2, 512)
         for h in entropies:
-            loss(frames, frames, [{"entropy": torch.tensor(h), "penalty": torch.tensor(0.0)}])
+            loss(frames, frames, [{"entropy": torch.tensor(h), "hard_entropy": h, "penalty": torch.tensor(0.0)}])
         loss.step_rate_control()
-        return float(loss.tau[0])
+        return float(loss.rate_weight[0])
 
-    # Two micro-batches at 0.5 and 1.5 bits/code move τ as one batch at their mean, 1.0 bits/code.
-    assert tau_after([0.5, 1.5]) == pytest.approx(tau_after([1.0]), rel=1e-12)
-    assert tau_after([0.5, 1.5]) != pytest.approx(tau_after([1.5]), rel=1e-6)
+    # Two micro-batches at 0.5 and 1.5 bits/code move λ as one batch at their mean, 1.0 bits/code.
+    assert weight_after([0.5, 1.5]) == pytest.approx(weight_after([1.0]), rel=1e-6)
+    assert weight_after([0.5, 1.5]) != pytest.approx(weight_after([1.5]), rel=1e-6)
 
 
 @pytest.mark.parametrize("length", [1, 479, 480, 481, 16000, 23457])

@@ -197,7 +197,7 @@ README_CODEC_DDP = ["recipes/codec/run.py", "+prune=csp", "trainer=smoke"]
 
 
 def test_readme_codec_ddp_command_matches_one_process(an4_root, tmp_path):
-    """The codec under 2 gloo ranks (greedy stages with unused modules, the rate controller's τ
+    """The codec under 2 gloo ranks (greedy stages with unused modules, the rate controller's λ
     agreed over ranks once per step) equals one process with the same two shards per global batch."""
     import csprune
     from recipes.codec import run as codec_run

@@ -125,7 +125,7 @@ def fit(
         resume: a ``progress`` dict from a checkpoint of this stage.
         data_rng: ``(get, set)`` of the RNG state ``batches`` consumes (e.g. SpecAugment's generator).
         on_step: called after each batch with True when the optimizer stepped, False when the step
-            was skipped (e.g. the codec's rate controller updates τ once per global batch here).
+            was skipped (e.g. the codec's rate controller updates λ once per global batch here).
 
     Returns:
         the global step after the last batch.

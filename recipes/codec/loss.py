@@ -1,23 +1,33 @@
-"""The codec's training loss: time-domain MSE + multi-resolution mel + quantization penalty + τ·entropy.
+"""The codec's training loss: time-domain MSE + multi-resolution mel + quantization penalty + λ·entropy.
 
     L = w_time · MSE(x̂, x) / mean(x²)                       (scale-free: −10·log10 of it is the SNR)
       + w_mel · mean_r mean (log10(M_r|X|² + ε) − log10(M_r|X̂|² + ε))²   r ∈ {8, 16, 32, 128} mel bands
       + w_quant · Σ_m mean (soft_m − hard_m)²                 (pulls soft codes onto the centroids)
-      + Σ_m τ_m · max(0, H_m − H*_m)                          (H_m: soft-histogram entropy, bits/value)
+      + Σ_m λ_m · H_m / H*_m                                  (H_m: soft-histogram entropy, bits/value)
       [+ w_priority · priority + w_noise · noise_modulation    (loss.psychoacoustic=true)]
 
-Rate control: H*_m is module m's share of ``target_bitrate`` in bits per code value. The hinge leaves a
-module that spends fewer bits than its share free to spend more (the reconstruction terms push it up);
-above it, τ_m grows after every step, τ_m ← τ_m · exp(η · (R_m / R*_m − 1)) (R_m: the module's entropy
-bitrate), and shrinks again while the module is under budget, so the rate settles at the target from
-above instead of oscillating around it.
+Rate control. Each module m has an explicit budget: ``module_shares[m]`` of the bitrate left after the LPC
+side information, i.e. H*_m bits per code value. λ_m is a Lagrange multiplier, moved by dual ascent once
+per optimizer step from what the bitstream will really cost: the entropy of the step's *hard* codes R_m,
+
+    e_m = clip(R_m / R*_m − 1, −1, 1),   λ_m ← clip(λ_m + η · e_m, −λ_max, λ_max),
+
+and the weight applied is λ_m + k_p · e_m (a PI controller: the proportional part reacts at once when a module
+falls through its budget, before the integral has unwound). The rate settles where the reconstruction's marginal gain per bit equals λ_m, on both sides of the target:
+over budget λ grows (entropy is penalised), under budget it falls and turns negative (entropy is rewarded,
+so a module left with too few bits is pushed up, not just left free). The bound λ_max stops the windup
+that, with a multiplicative τ and a one-sided hinge, let τ grow for hundreds of steps of overshoot and then
+drive a module to a single code. Below ``entropy_floor`` × its budget a module is collapsing: the
+recipe warns (log and TensorBoard) and re-spreads its centroids over its values
+(``SoftToHardQuantizer.respread``), since a module whose values all sit in one centroid's basin gets
+almost no gradient from the soft assignment.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,8 +44,14 @@ class LossConfig:
     mel_bands: List[int] = field(default_factory=lambda: [8, 16, 32, 128])  # Kankanahalli's resolutions
     quant_weight: float = 10.0  # (soft − hard)² is ~spacing²/12 ≈ 4e-4 per value: needs a large weight to matter
     target_bitrate: float = 16000.0  # bits/s of all modules together (side info included)
-    entropy_weight_init: float = 0.02  # τ at the start: small, so the first steps learn to reconstruct
-    rate_gain: float = 0.05  # η: τ can change by ~5% per step; 0.02 was too slow to reach the budget within ~1000 steps
+    module_shares: Optional[List[float]] = None  # each module's share of the code bitrate (sum 1); None: equal shares
+    rate_weight_init: float = 0.0  # λ at the start: 0, so the first steps learn to reconstruct before the rate binds
+    rate_gain: float = 0.01  # η: λ moves at most 0.01 a step, ~10 steps to a weight comparable to the MSE terms
+    rate_p_gain: float = 0.1  # k_p: the weight applied is λ + k_p·e (e: last step's clipped relative error), damping windup
+    rate_weight_max: float = 3.0  # |λ| bound (anti-windup); a tiny model needed λ ≈ 1 to hold 0.5 bits/value
+    entropy_floor: float = 0.5  # a module below this fraction of its budget (bits/value) is collapsing: warned, re-spread
+    floor_patience: int = 10  # steps in a row below the floor before it counts: one batch's entropy is noisy
+    floor_cooldown: int = 50  # steps after a re-spread before the next: the module needs time to use its new codes
     psychoacoustic: bool = False  # add the priority-weighting and noise-modulation terms (Zhen et al. 2020)
     priority_weight: float = 1.0  # psychoacoustic term weights
     noise_weight: float = 0.1
@@ -68,18 +84,23 @@ class MelLoss(nn.Module):
 
 
 class CodecLoss(nn.Module):
-    """All loss terms of one training step, and the rate controller's state (τ per module, a buffer).
+    """All loss terms of one training step, and the rate controller's state (λ per module, a buffer).
 
-    The rate controller adapts τ once per optimizer step (:meth:`step_rate_control`), from the mean
-    bitrate of all the step's batches: every micro-batch and, under DDP, every rank's. So τ is the same
-    on every rank and the same as in one process that cuts each global batch into the same shards.
+    The rate controller adapts λ once per optimizer step (:meth:`step_rate_control`), from the mean hard-code
+    bitrate of all the step's batches: every micro-batch and, under DDP, every rank's. So λ is the same on
+    every rank and the same as in one process that cuts each global batch into the same shards.
 
     Args:
         cfg: weights and rate-control settings.
-        num_modules: M (each gets an equal share of the bitrate left after ``side_bits_per_second``).
+        num_modules: M.
         codes_per_second: code values each module emits per second (code_len · sample_rate / hop).
         frame_len, sample_rate: framing of the frames the loss sees.
         side_bits_per_second: bits of side information (LPC) the modules' budget leaves out.
+
+    Attributes:
+        module_bitrate_targets: [M] each module's budget in bit/s.
+        floors: [M] entropy floors in bits/value.
+        rate_weight: [M] buffer, λ.
     """
 
     def __init__(self, cfg: LossConfig, num_modules: int, codes_per_second: float, frame_len: int = 512,
@@ -90,17 +111,36 @@ class CodecLoss(nn.Module):
         budget = cfg.target_bitrate - side_bits_per_second
         if budget <= 0:
             raise ValueError(f"loss.target_bitrate={cfg.target_bitrate}: below the {side_bits_per_second:.0f} bit/s of side information")
-        self.module_bitrate_target = budget / num_modules
+        shares = list(cfg.module_shares) if cfg.module_shares is not None else [1.0 / num_modules] * num_modules
+        if len(shares) != num_modules or min(shares) <= 0 or abs(sum(shares) - 1.0) > 1e-6:
+            raise ValueError(f"loss.module_shares={cfg.module_shares}: need {num_modules} positive shares summing to 1")
+        if not 0.0 <= cfg.entropy_floor < 1.0:
+            raise ValueError(f"loss.entropy_floor={cfg.entropy_floor}: must lie in [0, 1)")
+        self.module_bitrate_targets = [budget * share for share in shares]
+        self.floors = [cfg.entropy_floor * target / codes_per_second for target in self.module_bitrate_targets]
         self.mel = MelLoss(frame_len, cfg.mel_bands, sample_rate)
-        self.register_buffer("tau", torch.full((num_modules,), float(cfg.entropy_weight_init)))
+        self.register_buffer("rate_weight", torch.full((num_modules,), float(cfg.rate_weight_init)))
+        self.register_buffer("rate_error", torch.zeros(num_modules))  # last applied step's clipped relative rate error
         self.psycho = None
         if cfg.psychoacoustic:
             from .psychoacoustic import PsychoacousticLoss
 
             self.psycho = PsychoacousticLoss(noise_domain="db")  # dB excess over the mask: bounded, unlike the power ratio
         self.last: dict[str, float] = {}  # the latest step's terms, for logging
-        self._bits = torch.zeros(num_modules, dtype=torch.float64)  # this step's summed module bitrates, not yet applied
+        self._bits = torch.zeros(num_modules, dtype=torch.float64)  # this step's summed hard-code bitrates, not yet applied
         self._calls = torch.zeros(num_modules, dtype=torch.float64)  # batches behind each sum
+        self.last_rates: dict[int, float] = {}  # module -> the last applied step's mean hard bitrate (bit/s)
+        self._below = [0] * num_modules  # steps in a row each module has been below its floor
+        self._cooldown = [0] * num_modules  # steps left before a module may be reported again
+
+    def applied_weight(self, m: int) -> float:
+        """The entropy weight used this step: λ_m + k_p·e_m, within ±λ_max (a PI controller on the rate)."""
+        c = self.cfg
+        return max(-c.rate_weight_max, min(c.rate_weight_max, float(self.rate_weight[m]) + c.rate_p_gain * float(self.rate_error[m])))
+
+    def value_budget(self, m: int) -> float:
+        """Module m's budget in bits per code value (H*_m)."""
+        return self.module_bitrate_targets[m] / self.codes_per_second
 
     def forward(self, decoded: torch.Tensor, target: torch.Tensor, modules: list[dict],
                 train_modules: Sequence[int] | None = None) -> torch.Tensor:
@@ -109,9 +149,9 @@ class CodecLoss(nn.Module):
         Args:
             decoded: [B, L] reconstruction (signal domain).
             target: [B, L] what it should be.
-            modules: per-module dicts from :meth:`CMRL.forward` (``entropy``, ``penalty``).
+            modules: per-module dicts from :meth:`CMRL.forward` (``entropy``, ``hard_entropy``, ``penalty``).
             train_modules: indices of the modules being trained (their entropy/penalty count and their
-                τ is adjusted); None: all.
+                λ is adjusted); None: all.
         """
         train_modules = range(len(modules)) if train_modules is None else train_modules
         c = self.cfg
@@ -121,15 +161,15 @@ class CodecLoss(nn.Module):
         terms = {"nmse": nmse.item(), "mel": mel.item()}
         for m in train_modules:
             out = modules[m]
-            # Hinge on the module's bit budget: below it, the entropy term does not pull the rate further down.
-            excess = torch.relu(out["entropy"] - self.module_bitrate_target / self.codes_per_second)
-            loss = loss + c.quant_weight * out["penalty"] + float(self.tau[m]) * excess  # τ is a constant of this step
-            bitrate = out["entropy"].item() * self.codes_per_second
+            weight = self.applied_weight(m)  # a constant of this step
+            loss = loss + c.quant_weight * out["penalty"] + weight * out["entropy"] / self.value_budget(m)
+            hard = float(out.get("hard_entropy", out["entropy"]))
             terms[f"entropy_m{m}"] = out["entropy"].item()
-            terms[f"bitrate_m{m}"] = bitrate
-            terms[f"tau_m{m}"] = float(self.tau[m])
+            terms[f"hard_entropy_m{m}"] = hard
+            terms[f"bitrate_m{m}"] = hard * self.codes_per_second
+            terms[f"rate_weight_m{m}"] = weight
             if self.training:
-                self._bits[m] += bitrate
+                self._bits[m] += hard * self.codes_per_second
                 self._calls[m] += 1
         if self.psycho is not None:
             psy = self.psycho(target, decoded)
@@ -140,25 +180,40 @@ class CodecLoss(nn.Module):
         return loss
 
     @torch.no_grad()
-    def step_rate_control(self, applied: bool = True) -> None:
-        """Move each trained module's τ toward its bit budget from this step's mean bitrate, then reset.
+    def step_rate_control(self, applied: bool = True) -> list[int]:
+        """Move each trained module's λ toward its budget from this step's mean hard-code bitrate, then reset.
 
         Args:
             applied: False when the optimizer step was skipped (a non-finite loss): the step's
-                bitrates are dropped and τ stays.
+                bitrates are dropped and λ stays.
+
+        Returns:
+            The trained modules that are collapsing: below their entropy floor for ``floor_patience`` steps in a
+            row, and not reported within the last ``floor_cooldown`` steps.
         """
         bits, calls = self._bits.clone(), self._calls.clone()
         self._bits.zero_()
         self._calls.zero_()
         if not applied:
-            return
+            return []
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
-            both = torch.cat([bits, calls]).to(self.tau.device if dist.get_backend() == "nccl" else "cpu")
+            both = torch.cat([bits, calls]).to(self.rate_weight.device if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(both)
             bits, calls = both[: len(bits)].cpu(), both[len(bits):].cpu()
-        c = self.cfg
+        c, below = self.cfg, []
+        self.last_rates = {}
         for m in range(len(bits)):
             if calls[m] > 0:
-                ratio = float(bits[m] / calls[m]) / self.module_bitrate_target - 1.0
-                self.tau[m] = (self.tau[m] * math.exp(c.rate_gain * max(-1.0, min(1.0, ratio)))).clamp(1e-5, 10.0)
+                rate = float(bits[m] / calls[m])
+                self.last_rates[m] = rate
+                error = max(-1.0, min(1.0, rate / self.module_bitrate_targets[m] - 1.0))  # ≤ η a step, however far off
+                self.rate_error[m] = error
+                self.rate_weight[m] = float(self.rate_weight[m] + c.rate_gain * error)
+                self.rate_weight[m] = self.rate_weight[m].clamp(-c.rate_weight_max, c.rate_weight_max)
+                self._cooldown[m] = max(0, self._cooldown[m] - 1)
+                self._below[m] = self._below[m] + 1 if rate / self.codes_per_second < self.floors[m] else 0
+                if self._below[m] >= c.floor_patience and self._cooldown[m] == 0:
+                    below.append(m)
+                    self._below[m], self._cooldown[m] = 0, c.floor_cooldown
+        return below

@@ -78,7 +78,7 @@ def _stage(cfg: ModuleConfig) -> nn.Sequential:
 
 
 class Encoder(nn.Module):
-    """Frame [B, frame_len] -> tanh code [B, frame_len // 2]."""
+    """Frame [B, frame_len] -> code pre-activation [B, frame_len // 2] (the code is its tanh, see CodecModule)."""
 
     def __init__(self, cfg: ModuleConfig):
         super().__init__()
@@ -94,7 +94,7 @@ class Encoder(nn.Module):
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         x = self.in_act(self.in_conv((frames / self.signal_scale).unsqueeze(1)))
         x = self.down_act(self.down(self.stage1(x)))
-        return torch.tanh(self.out_conv(self.stage2(x))).squeeze(1)
+        return self.out_conv(self.stage2(x)).squeeze(1)
 
 
 class Decoder(nn.Module):
@@ -122,6 +122,10 @@ class Decoder(nn.Module):
         return self.out_conv(x).squeeze(1) * self.signal_scale
 
 
+CENTROID_RANGE = 0.9  # centroids stay within ±0.9 (tanh pre-activation ±1.47): see SoftToHardQuantizer
+MAX_PREACTIVATION = 2.0  # |z| past this costs (|z| − 2)²: tanh(2) = 0.96 reaches every centroid, and tanh' stays ≥ 0.07
+
+
 class SoftToHardQuantizer(nn.Module):
     """Scalar quantizer with K learnable centroids (Agustsson et al. 2017; Kankanahalli 2018).
 
@@ -145,12 +149,17 @@ class SoftToHardQuantizer(nn.Module):
     def __init__(self, num_centroids: int = 32, ema: float = 0.99, straight_through: bool = True):
         super().__init__()
         self.straight_through = straight_through
-        self.centroids = nn.Parameter(torch.linspace(-1.0, 1.0, num_centroids))
-        spacing = 2.0 / (num_centroids - 1)
+        # Inside tanh's range, not at its asymptotes: a centroid at ±1 is reached only as the encoder's
+        # pre-activation goes to ±∞, and the soft entropy pulls values toward the outer centroids; measured on a
+        # tiny model, a module whose budget was too high for it saturated all its values at ±1 within 50 steps,
+        # after which tanh passes no gradient and the module is dead (one code forever).
+        self.centroids = nn.Parameter(torch.linspace(-CENTROID_RANGE, CENTROID_RANGE, num_centroids))
+        spacing = 2.0 * CENTROID_RANGE / (num_centroids - 1)
         # α·spacing² = 1 at the start: neighbours overlap (useful gradients) but assignments are not uniform.
         self.log_alpha = nn.Parameter(torch.tensor(math.log(1.0 / spacing**2)))
         self.register_buffer("code_probs", torch.full((num_centroids,), 1.0 / num_centroids))
         self.ema = ema  # running hard histogram: ~100 batches of memory
+
 
     @property
     def num_centroids(self) -> int:
@@ -158,12 +167,22 @@ class SoftToHardQuantizer(nn.Module):
 
     def assignments(self, x: torch.Tensor) -> torch.Tensor:
         """Soft assignments [..., K] of values x [...]."""
-        dist = (x.unsqueeze(-1) - self.centroids) ** 2
-        return torch.softmax(-self.log_alpha.exp() * dist, dim=-1)
+        levels = self.levels()
+        dist = (x.unsqueeze(-1) - levels) ** 2
+        # α·spacing² ≤ 4 (spacing: the centroids' mean gap): a value at a centroid still gives its neighbours
+        # e⁻⁴ ≈ 2% of the assignment, so the soft entropy keeps a gradient even when every value sits in one
+        # centroid's basin (a collapsing module), and after a re-spread to a narrow range.
+        spacing = ((levels.max() - levels.min()) / (levels.numel() - 1)).detach().clamp_min(1e-6)
+        alpha = torch.minimum(self.log_alpha.exp(), 4.0 / spacing**2)
+        return torch.softmax(-alpha * dist, dim=-1)
+
+    def levels(self) -> torch.Tensor:
+        """The centroids as used: [K], clamped to ±CENTROID_RANGE (the parameter may drift past it)."""
+        return self.centroids.clamp(-CENTROID_RANGE, CENTROID_RANGE)
 
     def indices(self, x: torch.Tensor) -> torch.Tensor:
         """Index of the nearest centroid, int64 [...]."""
-        return (x.unsqueeze(-1) - self.centroids).abs().argmin(dim=-1)
+        return (x.unsqueeze(-1) - self.levels()).abs().argmin(dim=-1)
 
     def count_codes(self, idx: torch.Tensor) -> torch.Tensor:
         """How often each centroid occurs in indices [...]: float [K]."""
@@ -171,7 +190,7 @@ class SoftToHardQuantizer(nn.Module):
 
     def dequantize(self, idx: torch.Tensor) -> torch.Tensor:
         """Centroid values [...] of indices [...]."""
-        return self.centroids[idx]
+        return self.levels()[idx]
 
     def forward(self, x: torch.Tensor, hard: bool | None = None) -> dict[str, torch.Tensor]:
         """Quantize a code.
@@ -182,25 +201,55 @@ class SoftToHardQuantizer(nn.Module):
 
         Returns:
             ``{"q": [B, C] quantized code, "idx": [B, C] int64 nearest centroids, "entropy": soft-histogram
-            entropy in bits per value (0-dim; 0 when hard), "penalty": mean (soft − hard)² (0-dim)}``.
+            entropy in bits per value (0-dim; 0 when hard), "hard_entropy": the empirical entropy of ``idx`` in
+            bits per value (a float: what the bitstream costs), "penalty": mean (soft − hard)² (0-dim),
+            "values": x detached (what :meth:`respread` re-spreads over)}``.
         """
         hard = (not self.training) if hard is None else hard
         idx = self.indices(x)
         q_hard = self.dequantize(idx)
+        counts = self.count_codes(idx).detach()
+        freq = counts[counts > 0] / counts.sum()
+        hard_entropy = float(-(freq * torch.log2(freq)).sum())
         if hard:
             zero = x.new_zeros(())
-            return {"q": q_hard, "idx": idx, "entropy": zero, "penalty": zero}
+            return {"q": q_hard, "idx": idx, "entropy": zero, "hard_entropy": hard_entropy, "penalty": zero, "values": x.detach()}
         a = self.assignments(x)
-        q_soft = (a * self.centroids).sum(-1)
+        q_soft = (a * self.levels()).sum(-1)
         p = a.reshape(-1, a.shape[-1]).mean(0)
         entropy = -(p * torch.log2(p.clamp_min(1e-12))).sum()
         with torch.no_grad():
-            counts = self.count_codes(idx).to(self.code_probs)
+            counts = counts.to(self.code_probs)
             self.code_probs.mul_(self.ema).add_(counts / counts.sum(), alpha=1 - self.ema)
-        penalty = ((q_soft - q_hard.detach()) ** 2).mean()
+        # Commitment (x − hard)², not (soft − hard)²: beyond the outermost centroid the soft value only nears
+        # the hard one as x → ±∞, so (soft − hard)² pushed such values into tanh's saturation, where no gradient
+        # flows (measured: a whole module saturated at ±1 within 50 steps). (x − hard)² pulls them back inward.
+        penalty = ((x - q_hard.detach()) ** 2).mean()
         if self.straight_through:  # hard values forward, the soft assignment's gradient backward
             q_soft = q_hard.detach() + (q_soft - q_soft.detach())
-        return {"q": q_soft, "idx": idx, "entropy": entropy, "penalty": penalty}
+        return {"q": q_soft, "idx": idx, "entropy": entropy, "hard_entropy": hard_entropy, "penalty": penalty,
+                "values": x.detach()}
+
+    @torch.no_grad()
+    def respread(self, values: torch.Tensor) -> None:
+        """Move the centroids to the quantiles ``(k + ½)/K`` of ``values`` [...] (a collapsing module's codes).
+
+        Every value then lies near a centroid of its own range, so the decoder sees almost what it saw, but the
+        codes are spread over all K symbols again and the soft assignment has a gradient (the sharpness bound
+        keeps neighbours overlapping). Under DDP rank 0's centroids are broadcast.
+        """
+        k = self.num_centroids
+        flat = values.detach().reshape(-1).float()
+        levels = torch.quantile(flat[:: max(1, flat.numel() // 65536)], (torch.arange(k, dtype=torch.float32) + 0.5) / k)
+        levels = levels + 1e-6 * torch.arange(k, dtype=torch.float32)  # strictly increasing even where quantiles tie
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            levels = levels.to(self.centroids.device if dist.get_backend() == "nccl" else "cpu")
+            dist.broadcast(levels, 0)
+        self.centroids.copy_(levels.to(self.centroids))
+        spacing = float(levels[-1] - levels[0]) / (k - 1)
+        self.log_alpha.fill_(math.log(1.0 / max(spacing, 1e-6) ** 2))  # the initial sharpness, for the new spacing
+        self.code_probs.fill_(1.0 / k)
 
     @torch.no_grad()
     def set_code_probs(self, counts: torch.Tensor, pseudo_count: float = 0.5) -> None:
@@ -219,8 +268,16 @@ class CodecModule(nn.Module):
         self.decoder = Decoder(cfg)
 
     def forward(self, frames: torch.Tensor, hard: bool | None = None) -> dict[str, torch.Tensor]:
-        """frames [B, L] -> ``{"decoded": [B, L], "idx": [B, L/2], "entropy", "penalty"}``."""
-        out = self.quantizer(self.encoder(frames), hard=hard)
+        """frames [B, L] -> ``{"decoded": [B, L], "idx": [B, L/2], "entropy", "hard_entropy", "penalty", "values"}``.
+
+        The penalty adds ``mean relu(|z| − MAX_PREACTIVATION)²`` on the encoder's pre-activation z: a module
+        whose codes saturate tanh gets no gradient back and stays at one code (measured on a tiny model: the
+        entropy term pushed every value of an over-budget module past the outer centroid into saturation).
+        """
+        pre = self.encoder(frames)
+        out = self.quantizer(torch.tanh(pre), hard=hard)
+        if out["penalty"].requires_grad or self.training:
+            out["penalty"] = out["penalty"] + torch.relu(pre.abs() - MAX_PREACTIVATION).pow(2).mean()
         out["decoded"] = self.decoder(out["q"])
         return out
 

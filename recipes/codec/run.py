@@ -14,6 +14,7 @@ reference vs decoded audio), dense.pt (reusable with ``init_from``), model.safet
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import tempfile
 import time
@@ -47,6 +48,8 @@ from recipes.codec.model import CMRL, count_parameters
 # Tensors pruned when prune.targets is null: every conv inside the residual stages and the down/up-sampling
 # convs (99% of the weights); the 1-channel input/output convs are tiny and sit on the signal path.
 DEFAULT_TARGETS = ["*.stage1.*", "*.stage2.*", "*.down", "*.up"]
+log = logging.getLogger("csprune.codec")
+
 SAMPLE_RATE = AN4_SAMPLE_RATE  # 16 kHz: AN4, and the rate the model is built for
 
 
@@ -79,6 +82,7 @@ class TrainStep:
         self.codec, self.bank, self.loss, self.upto, self.train_only = codec, bank, loss, upto, train_only
         self.writer, self.stage, self.step, self.log_every = writer, stage, first_step, log_every
         self.device = next(codec.model.parameters()).device
+        self.last_modules: list[dict] = []  # the latest batch's module outputs (their code values, for a re-spread)
 
     def __call__(self, model, index: torch.Tensor) -> torch.Tensor:
         frames = self.bank.frames[index].to(self.device)
@@ -87,12 +91,31 @@ class TrainStep:
         decoded = self.codec.to_signal(out["decoded"], view)
         trained = [self.train_only] if self.train_only is not None else None
         value = self.loss(decoded, view["target"], out["modules"], trained)
+        self.last_modules = out["modules"]
         if self.writer is not None and self.step % self.log_every == 0:
             for key, v in self.loss.last.items():
                 if key != "loss":
                     self.writer.add_scalar(f"{self.stage}/{key}", v, self.step)
         self.step += 1
         return value
+
+    def after_step(self, applied: bool) -> None:
+        """``fit``'s ``on_step``: move λ once per optimizer step; a module below its entropy floor is warned
+        about (run log and TensorBoard ``rate/below_floor_m<m>``, never silent) and its centroids re-spread."""
+        below = self.loss.step_rate_control(applied)
+        model = self.codec.model.module if hasattr(self.codec.model, "module") else self.codec.model
+        for m in below:
+            rate = self.loss.last_rates[m]
+            floor = self.loss.floors[m] * self.loss.codes_per_second
+            log.warning("codec %s step %d: module %d spends %.0f bit/s, below its entropy floor %.0f bit/s (budget %.0f): "
+                        "collapsing; its centroids are re-spread over its code values", self.stage, self.step, m, rate, floor,
+                        self.loss.module_bitrate_targets[m])
+            if self.writer is not None:
+                self.writer.add_scalar(f"rate/below_floor_m{m}", 1.0, self.step)
+                self.writer.add_text("rate/warnings", f"{self.stage} step {self.step}: module {m} at {rate:.0f} bit/s, "
+                                     f"below its floor {floor:.0f} bit/s; centroids re-spread", self.step)
+            if m < len(self.last_modules):
+                model.stages[m].quantizer.respread(self.last_modules[m]["values"])
 
 
 def shard_batches(batches: list[torch.Tensor], rank: int, world: int, micro: int) -> list:
@@ -120,14 +143,14 @@ def train_stage(codec: SpeechCodec, bank: FrameBank, loss: CodecLoss, cfg: DictC
     sched = warmup_cosine(opt, tc.warmup_steps if warmup is None else warmup, max(total, 1))
     count = None if d.frames_per_epoch is None else per_epoch
     step_fn = TrainStep(codec, bank, loss, upto, train_only, writer, stage, step, tc.log_every)
-    loss.train()  # the rate controller adapts τ only in training mode
+    loss.train()  # the rate controller adapts λ only in training mode
     micro = tc.micro_batches
     batches = lambda epoch: shard_batches(bank.batches(d.batch_size, count, generator), rank, world, micro)  # noqa: E731
     device = next(codec.model.parameters()).device
     # find_unused_parameters: a greedy stage leaves the other modules without gradient.
     trained = wrap_ddp(codec.model, world, device, forward="model", find_unused_parameters=train_only is not None)
     return fit(trained, batches, step_fn, opt, sched, fit_config(cfg, epochs, stage), pruner=pruner, writer=writer, step=step,
-               on_step=loss.step_rate_control)
+               on_step=step_fn.after_step)
 
 
 @torch.no_grad()
@@ -275,7 +298,8 @@ def dense_stage(ctx: RunContext, job: Job) -> dict[str, float]:
     cfg, tc, model = ctx.cfg, ctx.cfg.trainer, job.codec.model
     if job.init is not None:
         model.load_state_dict(job.init["model"])
-        job.loss.tau.copy_(job.init["tau"])
+        if "rate_weight" in job.init:  # dense.pt files before the dual-ascent controller hold a τ of other meaning
+            job.loss.rate_weight.copy_(job.init["rate_weight"])
         print(f"initialized from {cfg.init_from}: dense PESQ-WB {job.init['dense_metrics']['pesq']:.3f}", flush=True)
         return job.init["dense_metrics"]
     t0 = time.perf_counter()
@@ -289,7 +313,7 @@ def dense_stage(ctx: RunContext, job: Job) -> dict[str, float]:
         return {}
     dense = job.evaluate(ctx, "eval_dense")
     save_checkpoint({"model": model.state_dict(), "model_config": job.model_cfg, "lpc_config": job.lpc_cfg,
-                     "tau": job.loss.tau.detach().cpu(), "dense_metrics": dense, "seed": cfg.seed}, ctx.run_dir / "dense.pt")
+                     "rate_weight": job.loss.rate_weight.detach().cpu(), "dense_metrics": dense, "seed": cfg.seed}, ctx.run_dir / "dense.pt")
     print(_describe(f"dense after {job.train_seconds:.0f}s", dense), flush=True)
     return dense
 
