@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import sys
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -53,6 +54,8 @@ class FitConfig:
         seed: when given, torch's RNG is seeded per shard with :func:`shard_seed` before each forward
             (dropout identical under any split of the global batch). None: one stream per process.
         max_bad_steps: non-finite steps skipped in this stage before stopping (0: stop at the first).
+        progress_every_s: seconds between progress lines with an ETA on rank 0 when stdout is not a terminal
+            (a log file; on a terminal the progress bar shows the ETA); 0: none.
     """
 
     epochs: int
@@ -63,6 +66,7 @@ class FitConfig:
     save_every: int = 0
     seed: int | None = None
     max_bad_steps: int = 0  # a NaN stops the run at once unless the user allows skipping
+    progress_every_s: float = 60.0  # a line a minute: visible in a log without flooding it
 
 
 def fit_config(cfg: Any, epochs: int, stage: str) -> FitConfig:
@@ -150,6 +154,7 @@ def fit(
             return step
     norm_buffers = ShardBuffers(model)
     rank = _rank()
+    eta = _ETA(stage, config.progress_every_s if rank == 0 and not sys.stdout.isatty() else 0.0, done)
     device = next(model.parameters()).device
     with PreemptionFlag() as preempt:
         for epoch in range(first_epoch, epochs):
@@ -160,6 +165,7 @@ def fit(
                 set_data_rng(resume["epoch_data_rng"])
             epoch_data_rng = get_data_rng()
             items = list(batches(epoch))
+            eta.plan(len(items) * (epochs - epoch) + done - (skip if resuming else 0), max_steps)
             first = 0
             if resuming:
                 first = skip
@@ -235,6 +241,7 @@ def fit(
                             tblog.log_sparsity(writer, pruner, step)
                 step += 1
                 done += 1
+                eta.tick(done)
                 finished = (max_steps is not None and done >= max_steps) or (epoch == epochs - 1 and index == len(items) - 1)
                 due = finished or stop or (save_every and done % save_every == 0)
                 if save is not None and due:
@@ -254,6 +261,33 @@ def fit(
             if max_steps is not None and done >= max_steps:
                 break
     return step
+
+
+class _ETA:
+    """Progress lines ``stage: step 120/768 (16%), 1m48s elapsed, ETA 9m42s`` every ``every_s`` seconds."""
+
+    def __init__(self, stage: str, every_s: float, done: int):
+        self.stage, self.every_s, self.total = stage, every_s, None
+        self.start, self.start_done, self.last = time.perf_counter(), done, time.perf_counter()
+
+    def plan(self, total: int, max_steps: int | None) -> None:
+        self.total = total if max_steps is None else min(total, max_steps)
+
+    def tick(self, done: int) -> None:
+        now = time.perf_counter()
+        if not self.every_s or now - self.last < self.every_s or not self.total:
+            return
+        self.last = now
+        rate = (now - self.start) / max(done - self.start_done, 1)
+        left = max(self.total - done, 0) * rate
+        print(f"{self.stage}: step {done}/{self.total} ({100 * done / self.total:.0f}%), {_clock(now - self.start)} elapsed, "
+              f"ETA {_clock(left)}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,

@@ -65,6 +65,7 @@ class CodecTrainerConfig:
     max_steps: Optional[int] = None  # cap on optimizer steps per stage (smoke runs)
     log_every: int = 20  # steps between scalar logs
     device: str = "auto"  # "auto": cuda when available, else cpu
+    amp: bool = False  # bf16 autocast of the model's forward (CUDA: tensor cores; on this CPU bf16 convs are slower)
     threads: Optional[int] = None  # torch CPU threads; None: torch's default
     micro_batches: int = 1  # shards per rank of each global batch, gradients accumulated (1 process x N == N DDP ranks)
     max_bad_steps: int = 0  # non-finite loss/gradient steps skipped per stage before stopping (0: a NaN stops the run at once)

@@ -83,12 +83,14 @@ class TrainStep:
         self.writer, self.stage, self.step, self.log_every = writer, stage, first_step, log_every
         self.device = next(codec.model.parameters()).device
         self.last_modules: list[dict] = []  # the latest batch's module outputs (their code values, for a re-spread)
+        self.amp = False  # trainer.amp: bf16 autocast of the model's forward (the loss stays float32)
 
     def __call__(self, model, index: torch.Tensor) -> torch.Tensor:
         frames = self.bank.frames[index].to(self.device)
         view = self.codec.training_view(frames)
-        out = model(view["input"], upto=self.upto, train_only=self.train_only)
-        decoded = self.codec.to_signal(out["decoded"], view)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = model(view["input"], upto=self.upto, train_only=self.train_only)
+        decoded = self.codec.to_signal(out["decoded"].float(), view)
         trained = [self.train_only] if self.train_only is not None else None
         value = self.loss(decoded, view["target"], out["modules"], trained)
         self.last_modules = out["modules"]
@@ -143,6 +145,7 @@ def train_stage(codec: SpeechCodec, bank: FrameBank, loss: CodecLoss, cfg: DictC
     sched = warmup_cosine(opt, tc.warmup_steps if warmup is None else warmup, max(total, 1))
     count = None if d.frames_per_epoch is None else per_epoch
     step_fn = TrainStep(codec, bank, loss, upto, train_only, writer, stage, step, tc.log_every)
+    step_fn.amp = bool(tc.get("amp", False))
     loss.train()  # the rate controller adapts λ only in training mode
     micro = tc.micro_batches
     batches = lambda epoch: shard_batches(bank.batches(d.batch_size, count, generator), rank, world, micro)  # noqa: E731
