@@ -46,7 +46,7 @@ class LossConfig:
     target_bitrate: float = 16000.0  # bits/s of all modules together (side info included)
     module_shares: Optional[List[float]] = None  # each module's share of the code bitrate (sum 1); None: equal shares
     rate_weight_init: float = 0.0  # λ at the start: 0, so the first steps learn to reconstruct before the rate binds
-    rate_gain: float = 0.01  # η: λ moves at most 0.01 a step, ~10 steps to a weight comparable to the MSE terms
+    rate_gain: float = 0.03  # η: λ moves at most 0.03 a step; 0.01 was too slow to follow a real module's falling rate
     rate_p_gain: float = 0.1  # k_p: the weight applied is λ + k_p·e (e: last step's clipped relative error), damping windup
     rate_weight_max: float = 3.0  # |λ| bound (anti-windup); a tiny model needed λ ≈ 1 to hold 0.5 bits/value
     entropy_floor: float = 0.5  # a module below this fraction of its budget (bits/value) is collapsing: warned, re-spread
