@@ -46,6 +46,14 @@ def test_smoke_runs_end_to_end(codec_smoke):
     assert on_disk["dense_pesq"] == dense["pesq"]  # the pruned run starts from the dense run's model
     assert abs(pruned["sparsity_actual"] - 0.5) < 0.01  # fraction of zeros over the targeted convs
     assert (pruned_dir / "model.safetensors").stat().st_size == pruned["checkpoint_bytes"]
+    # What a deployer ships: the same pruned model with int8 values, smaller, evaluated through real files too.
+    assert (pruned_dir / "model_int8.safetensors").stat().st_size == pruned["checkpoint_int8_bytes"] < pruned["checkpoint_bytes"]
+    assert math.isfinite(pruned["int8_pesq"]) and pruned["int8_bitrate_real"] > 0
+    int8 = codec_run.load_codec(str(pruned_dir / "model_int8.safetensors"))
+    weight = next(t for n, t in int8.model.state_dict().items() if n.endswith("stage1.0.squeeze.weight"))
+    scales = weight.reshape(weight.shape[0], -1).abs().amax(1, keepdim=True) / 127
+    assert torch.allclose(weight.reshape(weight.shape[0], -1) / scales.clamp_min(1e-12),
+                          (weight.reshape(weight.shape[0], -1) / scales.clamp_min(1e-12)).round(), atol=1e-3)  # 255 levels a row
 
 
 def test_encode_decode_a_real_file_matches_the_in_memory_reconstruction(codec_smoke, an4_root, tmp_path):
@@ -137,6 +145,14 @@ def test_report_plots_pesq(codec_smoke, tmp_path):
     assert out.returncode == 0, out.stderr
     table = (tmp_path / "report.md").read_text()
     assert "PESQ" in table and "csp" in table
+    assert "| method | sparsity | real bitrate (kbit/s) | PESQ-WB (MOS-LQO) |" in table  # quality at its bitrate
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / "report.png").shape[1] == 1650  # three panels: the third vs bitrate
+    from csprune.train.report import build_report, rate_points
+
+    points = rate_points(build_report([pruned_dir]))
+    assert set(points) == {"csp", "dense"} and points["csp"][0][2] == 0.5
 
 
 # ---------------------------------------------------------------- model, quantizer, framing (no AN4 needed)

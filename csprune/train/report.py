@@ -112,6 +112,13 @@ def build_report(folders: Sequence[str | os.PathLike]) -> Report:
     dense = [r[f"dense_{primary}"] for r in runs if isinstance(r.get(f"dense_{primary}"), (int, float))]
     if dense:
         lines.append(f"\nDense reference {label}: {_fmt(dense, scale)} (mean over the runs' dense starts).")
+    rated = [(method, s, rs) for (method, s), rs in sorted(cells.items()) if any("bitrate_real" in r for r in rs)]
+    if rated:  # codec sweeps: quality is only comparable at the bitrate it was bought with
+        lines += ["", f"| method | sparsity | real bitrate (kbit/s) | {label} |", "|---|---|---|---|"]
+        for method, s, rs in rated:
+            rates = [r["bitrate_real"] / 1000 for r in rs if isinstance(r.get("bitrate_real"), (int, float))]
+            vals = [r[primary] for r in rs if isinstance(r.get(primary), (int, float))]
+            lines.append(f"| {method} | {s:.2f} | {_fmt(rates, 1.0)} | {_fmt(vals, scale)} |")
     if incomplete:
         lines.append("\nIncomplete runs (no metrics.json): " + ", ".join(str(p) for p in incomplete))
     return Report(runs, incomplete, primary, "\n".join(lines) + "\n", cells)
@@ -136,16 +143,48 @@ def series(report: Report) -> dict[str, tuple[list[float], list[float], list[flo
     return out
 
 
+def rate_points(report: Report) -> dict[str, list[tuple[float, float, float]]]:
+    """Codec sweeps: per method, (real bitrate in kbit/s, primary metric in display units, sparsity) of every run
+    that measured its real bitrate, and the dense models' own points under "dense"."""
+    _, scale, _ = METRICS.get(report.primary, (report.primary, 1.0, True))
+    out: dict[str, list[tuple[float, float, float]]] = {}
+    for r in report.runs:
+        if isinstance(r.get("bitrate_real"), (int, float)) and isinstance(r.get(report.primary), (int, float)):
+            out.setdefault(r.get("label", r.get("method", "?")), []).append(
+                (r["bitrate_real"] / 1000, r[report.primary] * scale, float(r.get("sparsity", 0.0))))
+        if isinstance(r.get("dense_bitrate_real"), (int, float)) and isinstance(r.get(f"dense_{report.primary}"), (int, float)):
+            point = (r["dense_bitrate_real"] / 1000, r[f"dense_{report.primary}"] * scale, 0.0)
+            if point not in out.setdefault("dense", []):
+                out["dense"].append(point)
+    return {k: sorted(v) for k, v in out.items()}
+
+
 def plot_report(report: Report, path: str | os.PathLike) -> Path:
-    """Two panels: the primary metric vs sparsity (dense dashed) and checkpoint size vs sparsity."""
+    """Two panels: the primary metric vs sparsity (dense dashed) and checkpoint size vs sparsity; codec sweeps
+    (runs with a real bitrate) get a third: the primary metric against the real bitrate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     label, scale, _ = METRICS.get(report.primary, (report.primary, 1.0, True))
-    fig, (ax_m, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    points = rate_points(report)
+    fig, axes = plt.subplots(1, 3 if points else 2, figsize=(16.5 if points else 11, 4.2), dpi=100)
+    ax_m, ax_s = axes[0], axes[1]
     markers = "osD^vP*X"
+    if points:
+        ax_r = axes[2]
+        for i, (method, pts) in enumerate(points.items()):
+            ax_r.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="none", marker=markers[i % len(markers)],
+                      color="gray" if method == "dense" else None, label=method)
+            for kbps, value, sparsity in pts:
+                if sparsity:
+                    ax_r.annotate(f"{sparsity:g}", (kbps, value), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax_r.set_xlabel("real bitrate (kbit/s, .cmrl files)")
+        ax_r.set_ylabel(label)
+        ax_r.set_title(f"{label} vs bitrate (labels: sparsity)")
+        ax_r.grid(True, alpha=0.3)
+        ax_r.legend()
     for i, (method, (xs, ys, errs, sizes)) in enumerate(series(report).items()):
         ax_m.errorbar(xs, ys, yerr=errs, marker=markers[i % len(markers)], capsize=4, label=method)
         ax_s.plot(xs, sizes, marker=markers[i % len(markers)], label=method)

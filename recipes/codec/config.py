@@ -86,6 +86,7 @@ class CodecConfig:
     ckpt: Optional[str] = None  # encode/decode: an exported model.safetensors
     input: Optional[str] = None  # encode: a WAV; decode: a .cmrl file
     output: Optional[str] = None  # encode: the .cmrl to write; decode: the WAV to write
+    export_int8: bool = True  # pruned runs also write model_int8.safetensors (int8 values) and evaluate it: what a deployer ships
     deploy: str = "dense"  # encode/decode: dense | sparse (csprune.deploy: each pruned matrix in its fastest form, measured)
     output_dir: Optional[str] = None  # None: Hydra's run dir
 

@@ -358,12 +358,28 @@ def export_stage(ctx: RunContext, job: Job, metrics: dict, dense: dict) -> dict[
     meta = {"recipe": "codec", "model": job.model_cfg, "lpc": job.lpc_cfg, "sample_rate": SAMPLE_RATE,
             "target_dbfs": ctx.cfg.data.target_dbfs, "metrics": {k: final[k] for k in ("pesq", "snr", "stoi", "bitrate_real")},
             "prune": ctx.prune}
+    if ctx.prune is not None and ctx.cfg.get("export_int8", False):
+        metrics.update(int8_export(ctx, job, meta))
     return export_run(ctx, job.codec.model, metrics, meta, HPARAM_METRICS,
                       f"PESQ-WB {final['pesq']:.3f} | {final['bitrate_real'] / 1000:.2f} kbit/s")
 
 
+def int8_export(ctx: RunContext, job: Job, meta: dict) -> dict[str, float]:
+    """What a deployer ships: the pruned model with int8 values (per-row scales), written as
+    ``model_int8.safetensors`` and evaluated through real .cmrl files like the float model. Returns its
+    ``int8_*`` metrics and ``checkpoint_int8_bytes``."""
+    path = ctx.run_dir / "model_int8.safetensors"
+    csprune.save_sparse(job.codec.model, path, values_dtype="int8", meta=meta)
+    int8 = load_codec(str(path))
+    int8.model.to(next(job.codec.model.parameters()).device)
+    scores = evaluate(int8, job.test_utts, job.test_waves, ctx.writer, job.step, "eval_int8")
+    print(_describe(f"int8 values ({path.stat().st_size / 1024:.1f} KiB)", scores), flush=True)
+    return {"checkpoint_int8_bytes": path.stat().st_size, **{f"int8_{k}": v for k, v in scores.items()}}
+
+
 # Metrics shown in TensorBoard's HParams dashboard.
-HPARAM_METRICS = ("pesq", "snr", "stoi", "bitrate_real", "dense_pesq", "sparsity_actual", "checkpoint_bytes", "compression_ratio")
+HPARAM_METRICS = ("pesq", "snr", "stoi", "bitrate_real", "dense_pesq", "sparsity_actual", "checkpoint_bytes", "compression_ratio",
+                  "int8_pesq", "checkpoint_int8_bytes")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
