@@ -925,7 +925,7 @@ def _read_tensors(path: str | os.PathLike, verify: bool | str, as_parts: bool) -
     try:
         for name, info in header.tensors.items():
             try:
-                state[name] = _decode_tensor(header, buffer, info, as_parts)
+                state[name] = _decode_tensor(header, buffer, info, as_parts=True) if as_parts else _decode_tensor(header, buffer, info)
             except CheckpointError:
                 raise
             except Exception as exc:  # anything unforeseen in decoding still names the file and tensor
