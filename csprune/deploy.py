@@ -149,12 +149,8 @@ class SparseMatrix(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form != "csr":
             return F.linear(x, self.weight, self.bias)
-        if x.dim() == 2 and x.shape[0] == 1:  # batch 1 (streaming): a sparse matrix-vector product
-            y = torch.mv(self.weight, x[0]) if self.bias is None else torch.addmv(self.bias, self.weight, x[0])
-            return y.unsqueeze(0)
-        lead, inner = x.shape[:-1], x.shape[-1]
-        rows = x.reshape(-1, inner)
-        if rows.shape[0] == 1:
+        lead, rows = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        if rows.shape[0] == 1:  # batch 1 (streaming): a sparse matrix-vector product
             y = torch.mv(self.weight, rows[0]) if self.bias is None else torch.addmv(self.bias, self.weight, rows[0])
             return y.reshape(*lead, self.shape[0])
         # CSR [out, in] @ [in, n]: torch's sparse-dense product wants the sparse operand first
@@ -663,8 +659,8 @@ def load(path: Any, model: nn.Module, example: Callable[[nn.Module], Any] | None
             if isinstance(item, SparseParts) and tuple(item.shape) == tuple(own[key].shape):
                 rows, cols = own[key].shape[0], own[key].numel() // own[key].shape[0]
                 sparse_weights.setdefault(fqn, {})[wname] = csr_from_positions((rows, cols), item.positions, item.values.to(own[key].dtype))
-    dense_state = {k: (v.to_dense() if isinstance(v, SparseParts) else v) for k, v in parts.items()
-                   if not any(k == f"{fqn}.{w}" for fqn, ws in sparse_weights.items() for w in ws)}
+    as_csr = {f"{fqn}.{w}" if fqn else w for fqn, ws in sparse_weights.items() for w in ws}
+    dense_state = {k: (v.to_dense() if isinstance(v, SparseParts) else v) for k, v in parts.items() if k not in as_csr}
     for name, tensor in dense_state.items():
         if tuple(own[name].shape) != tuple(tensor.shape):
                 raise CheckpointError(path_str, f"shape {list(tensor.shape)} does not match the model's {list(own[name].shape)}", name)
