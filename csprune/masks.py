@@ -4,8 +4,9 @@ A mask is a boolean tensor shaped like the weight (True = kept). It is attached
 with :func:`torch.nn.utils.parametrize.register_parametrization`, so every read
 of ``module.weight`` sees ``original * mask`` and gradients at pruned positions
 are exactly zero. :func:`enforce_zeros` additionally zeroes the stored original
-and the optimizer state at pruned positions, so nothing drifts there (AdamW's
-decoupled decay, momentum) and a regrown weight starts from zero.
+and the optimizer's first moments at pruned positions (second moments are set to 1 there, see
+``PRUNED_SECOND_MOMENT``), so nothing drifts there (AdamW's decoupled decay, momentum); a regrown
+weight starts from zero with fresh state (:func:`clear_state`).
 :func:`reset_moments` clears the stale first moments of kept weights a method rewrote (a
 least-squares refit), so the optimizer does not keep pushing them toward where the old values went.
 :func:`squash_mask` removes the parametrization and leaves a plain parameter
@@ -23,12 +24,25 @@ from .errors import ConfigError
 
 __all__ = [
     "MaskParametrization", "attach_mask", "get_mask", "set_mask", "enforce_zeros", "reset_moments", "squash_mask",
-    "original_param", "FIRST_MOMENT_KEYS",
+    "original_param", "clear_state", "FIRST_MOMENT_KEYS", "SECOND_MOMENT_KEYS", "PRUNED_SECOND_MOMENT",
 ]
 
 # Optimizer state holding a running mean of past gradients (a direction): SGD and RMSprop momentum,
 # the Adam family's first moment, centered RMSprop's gradient mean. Reset where a weight is rewritten.
 FIRST_MOMENT_KEYS = ("momentum_buffer", "exp_avg", "grad_avg")
+# Optimizer state that is a running mean of squared gradients, used under a square root: Adam's
+# second moments, RMSprop's average, Adagrad's sum.
+SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
+# What a second moment holds at a pruned position. Any positive value is exact there: the gradient
+# and the first moment are zero, so the update is 0 / (sqrt(v) + eps) = 0 whatever v is. Not 0,
+# because torch's CPU sqrt takes a slow path on exact zeros: at 50% zeros AdamW's sqrt of a 576x144
+# second moment costs 296 us instead of 30 us (AVX-512 build, one thread; docs/design.md "The
+# training hot path"). Not a tiny value either: denormals are slower still (946 us).
+PRUNED_SECOND_MOMENT = 1.0
+# The optimizer decays that 1 by its β each step (β₂ = 0.999: 0.37 after 1000 steps; RMSprop's 0.99:
+# 4e-5), so every this many calls enforce_zeros sets it back, long before any β >= 0.5 reaches a
+# denormal (0.5^100 = 8e-31), at the cost of one boolean fill per 100 steps.
+REFILL_EVERY = 100
 
 
 class MaskParametrization(nn.Module):
@@ -45,17 +59,26 @@ class MaskParametrization(nn.Module):
     gives them, and the pruned weights stay exactly zero (a zero gradient and zero optimizer
     state leave Adam, AdamW's decay and SGD momentum at zero). This takes the mask off the
     forward and backward pass of every step (bench/overhead.py).
+
+    The hook multiplies by ``keep``, the mask as a float tensor, rather than filling by the boolean
+    mask: on torch's CPU kernels ``masked_fill`` costs ~30x a multiply (272 vs 9 us on 576x144, one
+    thread). A multiply leaves -0.0 where a gradient was negative, which no optimizer turns into a
+    non-zero weight (0 + -0.0 = +0.0), and NaN where a gradient was NaN (the training loop stops on
+    non-finite gradients before any step, csprune.train.faults).
     """
 
     def __init__(self, mask: torch.Tensor):
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool), persistent=False)
+        self.register_buffer("keep", mask.to(torch.float32), persistent=False)  # refreshed, in the weight's dtype, by enforce_zeros
         self.zeros_enforced = False
+        self.filled_state: set[int] = set()  # data_ptr of the second moments already set to 1 under this mask
+        self.fast_calls = 0  # enforce_zeros calls on the fast path since the last refill
         self._hooked = None  # weakref to the tensor carrying our gradient hook (a deepcopy re-hooks its own)
         self._hook = None
 
     def _mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad.masked_fill(~self.mask, 0.0) if self.zeros_enforced else grad
+        return grad * self.keep.to(grad.dtype) if self.zeros_enforced else grad
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.zeros_enforced:
@@ -131,22 +154,64 @@ def enforce_zeros(module: nn.Module, name: str, optimizer: torch.optim.Optimizer
     Args:
         module: module with a mask on ``name``.
         name: parameter name.
-        optimizer: optimizer holding the original parameter; every state tensor shaped
-            like the weight (momentum buffers, Adam moments) is zeroed where the mask is False.
+        optimizer: optimizer holding the original parameter; where the mask is False, every
+            state tensor shaped like the weight is zeroed (momentum buffers, Adam's first moment),
+            except second moments (``SECOND_MOMENT_KEYS``), which are set to ``PRUNED_SECOND_MOMENT``.
+
+    Once zeros are enforced and the mask has not changed since, a call only multiplies the weight
+    and the first moments by the mask (a guard against drift at the cost of a fast multiply).
     """
     param = _find(module, name)
     if param is None:
         raise KeyError(f"{type(module).__name__}.{name} has no csprune mask")
     mask = param.mask
     original = original_param(module, name)
-    original.masked_fill_(~mask, 0.0)  # +0.0: a -0.0 would cost a sign bit in the sparse export
+    state = optimizer.state.get(original) if optimizer is not None else None
+    shaped = {key: value for key, value in (state or {}).items() if torch.is_tensor(value) and value.shape == mask.shape}
+    if param.zeros_enforced:
+        # Nothing changed since the last full pass: with a zero gradient and zero first moments the
+        # optimizer leaves the pruned weights at zero, so this only guards against drift.
+        original.mul_(param.keep.to(original.dtype))
+        param.fast_calls += 1
+        refill = param.fast_calls >= REFILL_EVERY
+        for key, value in shaped.items():
+            if key not in SECOND_MOMENT_KEYS:
+                if value.is_floating_point():
+                    value.mul_(param.keep.to(value.dtype))
+            elif refill or value.data_ptr() not in param.filled_state:  # decayed, or created after the mask (zeros)
+                value.masked_fill_(~mask, PRUNED_SECOND_MOMENT)
+                param.filled_state.add(value.data_ptr())
+        if refill:
+            param.fast_calls = 0
+        return
+    pruned = ~mask
+    original.masked_fill_(pruned, 0.0)  # +0.0: a -0.0 would cost a sign bit in the sparse export
+    param.filled_state = set()
+    param.fast_calls = 0
+    for key, value in shaped.items():
+        second = key in SECOND_MOMENT_KEYS
+        value.masked_fill_(pruned, PRUNED_SECOND_MOMENT if second else 0)
+        if second:
+            param.filled_state.add(value.data_ptr())
+    param.keep = mask.to(original.dtype)
     param.zeros_enforced = True
-    if optimizer is not None:
-        state = optimizer.state.get(original)
-        if state:
-            for value in state.values():
-                if torch.is_tensor(value) and value.shape == mask.shape:
-                    value.masked_fill_(~mask, 0)
+
+
+@torch.no_grad()
+def clear_state(module: nn.Module, name: str, where: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    """Zero every optimizer state entry of ``module.<name>`` at ``where`` (a regrown weight starts fresh).
+
+    Args:
+        module: module with a mask on ``name``.
+        name: parameter name.
+        where: bool, shaped like the weight.
+        optimizer: optimizer holding the original parameter, or None (nothing to do).
+    """
+    if optimizer is None:
+        return
+    for value in (optimizer.state.get(original_param(module, name)) or {}).values():
+        if torch.is_tensor(value) and value.shape == where.shape:
+            value.masked_fill_(where.to(value.device), 0)
 
 
 @torch.no_grad()

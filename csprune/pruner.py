@@ -233,6 +233,8 @@ class Pruner:
         gram_peak = 0
         for t, view, w, sel in zip(self.targets, self._views, rows, selections):
             mask = view.unrows(sel.mask)
+            if self.regrow:  # a weight that comes back starts from zero state, not the pruned entries' (masks.py)
+                M.clear_state(t.module, t.param_name, mask & ~M.get_mask(t.module, t.param_name), self.optimizer)
             M.set_mask(t.module, t.param_name, mask)
             moments_reset = 0
             if sel.values is not None:

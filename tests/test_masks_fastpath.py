@@ -10,7 +10,12 @@ import copy
 import torch
 from torch import nn
 
+import pytest
+
+import csprune
 from csprune import masks as M
+from csprune.methods import Magnitude
+from csprune.schedules import OneShot
 
 
 def _layer():
@@ -63,3 +68,91 @@ def test_a_deepcopy_masks_its_own_gradients_and_a_squash_leaves_no_hook():
     layer.zero_grad()
     layer(x).pow(2).sum().backward()
     assert bool(layer.weight.grad[~mask].any()), "after squash the gradient is free (no hook left behind)"
+
+
+def _train(layer, opt, steps, enforce):
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        x = torch.randn(7, 6, generator=gen)
+        opt.zero_grad()
+        layer(x).sub(1.0).pow(2).sum().backward()
+        opt.step()
+        enforce()
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True),
+    lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01),
+    lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5, centered=True),
+    lambda p: torch.optim.Adagrad(p, lr=1e-2),
+], ids=["adamw", "adam-amsgrad", "sgd-nesterov", "rmsprop-centered", "adagrad"])
+def test_fast_path_trains_exactly_like_the_masked_reference(make_opt):
+    """The hot path (multiply hook, second moments at 1 where pruned, no full pass while the mask is
+    unchanged) gives bit-identical kept weights to the plain reference: every step masks the gradient
+    with a boolean fill and zeroes the pruned weight and every state tensor. Pruned weights stay +0.0
+    (no sign bit) and the pruned second moments hold the sentinel."""
+    layer, mask = _layer()
+    reference = nn.Linear(6, 4)
+    reference.load_state_dict({"weight": M.original_param(layer, "weight").detach() * mask, "bias": layer.bias.detach()})
+    opt, ref_opt = make_opt(list(layer.parameters())), make_opt(list(reference.parameters()))
+    weight = M.original_param(layer, "weight")
+
+    def enforce_reference():
+        with torch.no_grad():
+            reference.weight.masked_fill_(~mask, 0.0)
+            for value in ref_opt.state[reference.weight].values():
+                if torch.is_tensor(value) and value.shape == mask.shape:
+                    value.masked_fill_(~mask, 0)
+
+    reference.weight.register_hook(lambda g: g.masked_fill(~mask, 0.0))
+    _train(reference, ref_opt, 12, enforce_reference)
+    _train(layer, opt, 12, lambda: M.enforce_zeros(layer, "weight", opt))
+    assert torch.equal(weight.detach(), reference.weight.detach())
+    assert torch.equal(layer.bias.detach(), reference.bias.detach())
+    assert not bool(torch.signbit(weight.detach()[~mask]).any()), "a pruned weight became -0.0"
+    _assert_pruned_state(opt.state[weight], mask)
+
+
+def _assert_pruned_state(state, mask):
+    """First moments exactly 0 where pruned; second moments positive normal floats, at most the sentinel."""
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == mask.shape:
+            pruned = value[~mask]
+            if key in M.SECOND_MOMENT_KEYS:
+                assert bool((pruned >= torch.finfo(pruned.dtype).tiny).all()), f"{key}: zero or denormal where pruned"
+                assert bool((pruned <= M.PRUNED_SECOND_MOMENT).all()), key
+            else:
+                assert not bool(pruned.any()), key
+
+
+def test_pruned_second_moments_never_decay_into_denormals():
+    """RMSprop with alpha=0.5 halves the pruned sentinel every step: without the periodic refill it would
+    underflow (0.5^250 = 0 in float32) and torch's sqrt would take its slow path on every step."""
+    layer, mask = _layer()
+    opt = torch.optim.RMSprop(layer.parameters(), lr=1e-3, alpha=0.5)
+    _train(layer, opt, 250, lambda: M.enforce_zeros(layer, "weight", opt))
+    _assert_pruned_state(opt.state[M.original_param(layer, "weight")], mask)
+
+
+def test_a_regrown_weight_starts_from_zero_state():
+    """With regrow, a pruned entry that comes back gets zero optimizer state, not the pruned sentinel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = csprune.Pruner(model, Magnitude(), OneShot(0.5), optimizer=opt, regrow=True)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 8, generator=gen)).pow(2).sum().backward()
+        opt.step()
+        pruner.step()
+    weight = M.original_param(model[0], "weight")
+    old = M.get_mask(model[0], "weight").clone()
+    with torch.no_grad():
+        weight.copy_(torch.randn(8, 8, generator=gen))  # new magnitudes: some pruned entries win back their place
+    pruner.prune_to(0.5)
+    regrown = M.get_mask(model[0], "weight") & ~old
+    assert bool(regrown.any())
+    state = opt.state[weight]
+    assert not bool(state["exp_avg"][regrown].any()) and not bool(state["exp_avg_sq"][regrown].any())
