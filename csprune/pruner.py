@@ -182,11 +182,17 @@ class Pruner:
 
     # -------------------------------------------------------------- pruning
     @torch.no_grad()
-    def prune_to(self, sparsity: float) -> dict:
-        """Recompute masks now for ``sparsity`` (outside the schedule), e.g. after calibration."""
+    def prune_to(self, sparsity: float, *, gradual: bool = False) -> dict:
+        """Recompute masks now for ``sparsity`` (outside the schedule), e.g. after calibration.
+
+        Args:
+            sparsity: target level in [0, 1).
+            gradual: treat it as an in-training update, as ``step()`` does on a gradual schedule
+                (methods make it cheap: CSP's ``safeguard="auto"`` is off then); False: a one-shot step.
+        """
         if not 0.0 <= sparsity < 1.0 or math.isnan(sparsity):
             raise ConfigError(f"sparsity={sparsity!r}: must lie in [0, 1)")
-        report = self._prune(sparsity)
+        report = self._prune(sparsity, gradual=gradual)
         if self.stats is not None:
             self.stats.reset()
         self.enforce()
