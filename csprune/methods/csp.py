@@ -47,10 +47,6 @@ class CSP(Method):
             the end of the schedule (0: off, training is left alone).
         solver_options: extra keyword arguments for ``csprune.solvers.solve``; with solver "auto", a
             dict per solver name (``{"omp": {...}, "obs": {...}}``).
-        budget: how the scope's budgets are ranked. "saliency": |w_ij|·sqrt(G_jj) (the design's
-            formulation); "obs": |w_ij|/sqrt((G⁻¹)_jj), the square root of the optimal-brain-surgeon
-            cost of removing w_ij alone with the rest refit, which counts what correlated inputs can
-            compensate. Only matters at scope "layer" / "global" (at "row" every row keeps the same share).
         safeguard: per row, fall back to the refit top-|w| (or saliency) support when it has a lower
             error than the solver's; greedy recovery is not optimal, and this costs two batched refits
             (∝ k³ per row). "auto": on for one-shot steps, off for gradual updates, where the
@@ -69,7 +65,6 @@ class CSP(Method):
         train_l1: float = 0.0,
         solver_options: dict | None = None,
         safeguard: bool | str = "auto",
-        budget: str = "saliency",
     ) -> None:
         if sensing not in SENSINGS:
             raise ConfigError(f"sensing={sensing!r}: expected one of {SENSINGS}")
@@ -77,8 +72,6 @@ class CSP(Method):
             raise ConfigError(f"solver={solver!r}: expected auto or one of {SOLVERS}")
         if safeguard not in (True, False, "auto"):
             raise ConfigError(f"safeguard={safeguard!r}: expected true, false or auto")
-        if budget not in ("saliency", "obs"):
-            raise ConfigError(f"budget={budget!r}: expected saliency or obs")
         if damping < 0:
             raise ConfigError(f"damping={damping}: must be >= 0")
         if not 0 < gaussian_ratio:
@@ -90,7 +83,6 @@ class CSP(Method):
         self.train_l1 = float(train_l1)
         self.solver_options = dict(solver_options or {})
         self.safeguard = safeguard
-        self.budget = budget
         self.stats_mode = "full" if sensing == "activations" else None
 
     def _gram(self, rows: torch.Tensor, ctx: LayerContext) -> tuple[torch.Tensor, str]:
@@ -105,11 +97,7 @@ class CSP(Method):
         gram, _ = self._gram(rows, ctx)
         g = gram.shape[0]
         o, n = rows.shape
-        if self.budget == "obs":
-            inverse_diag = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(gram.double())), dim1=-2, dim2=-1)
-            scale = inverse_diag.clamp_min(1e-300).rsqrt().to(rows.dtype)  # [g, n]
-        else:
-            scale = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()  # [g, n]
+        scale = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(0).sqrt()  # [g, n]
         return (rows.abs().reshape(g, o // g, n) * scale.unsqueeze(1)).reshape(o, n)
 
     def select(self, rows: torch.Tensor, keep: torch.Tensor, ctx: LayerContext) -> Selection:

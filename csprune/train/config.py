@@ -44,7 +44,6 @@ class PruneConfig:
     sensing: str = "activations"  # csp: activations | gaussian | identity
     solver: str = "auto"  # csp: auto (obs when an update removes <= what it keeps, else omp) | omp | obs | sparsegpt | fista | cvxpy | sklearn
     safeguard: Any = "auto"  # csp: true | false | auto (on one-shot, off in gradual updates): fall back per row to refit top-|w|/saliency supports
-    budget: str = "saliency"  # csp: how layer/global scopes rank budgets: saliency (|w|·sqrt(G_jj)) | obs (|w|/sqrt((G⁻¹)_jj))
     damping: float = 0.01  # δ of G + δ·mean(diag G)·I
     gaussian_ratio: float = 0.5  # ρ = m/n of gaussian sensing
     train_l1: float = 0.0  # csp: λ_train of the annealed ℓ1 penalty (0: off)
@@ -156,7 +155,6 @@ def validate_prune_config(p: Mapping[str, Any], prefix: str = "prune") -> None:
         "sensing": SENSINGS,
         "solver": SOLVERS + ("auto",),
         "safeguard": (True, False, "auto"),
-        "budget": ("saliency", "obs"),
         "values_dtype": ("float32", "float16", "bfloat16", "int8"),
         "calib_mode": ("eval", "train"),
     }
