@@ -57,8 +57,10 @@ class Pruner:
         pattern: "unstructured" or "N:M" (e.g. "2:4"; fixes the sparsity at 1 − N/M).
         optimizer: optimizer whose state is zeroed at pruned positions and whose first moments are
             reset where a refit rewrote a kept weight (recommended; see ``masks.reset_moments``).
-        stats_steps: forward passes observed before each pruning step; 8 batches give a
-            well-conditioned Gram for layers up to ~1k inputs at negligible amortized cost.
+        stats_steps: forward passes observed before each pruning step. 4: what every gradual CSP
+            result in recipes/asr/RESULTS.md used (with 1% damping the Grams are well conditioned).
+            An observed step costs ~2x a plain one (a 576-wide input's Gram is 4x that layer's
+            forward), so 8 added ~8% to a run updating every 100 steps (bench/overhead.py).
         regrow: allow a pruned weight to come back at a later pruning step (masks are
             monotone otherwise).
         max_gram_bytes: cap on one target's Gram accumulator (float64, ``8·g·n²`` bytes). A larger
@@ -80,7 +82,7 @@ class Pruner:
         scope: str = "layer",
         pattern: str = "unstructured",
         optimizer: torch.optim.Optimizer | None = None,
-        stats_steps: int = 8,
+        stats_steps: int = 4,
         regrow: bool = False,
         max_gram_bytes: int | None = None,
     ) -> None:
