@@ -213,3 +213,26 @@ def test_adamw_moments_of_refit_weights_through_a_gradual_schedule():
     assert updates >= 3
     assert refit_entries > 0
     assert pruner.sparsity()["total"] == pytest.approx(0.75, abs=0.02)
+
+
+def test_prune_to_gradual_runs_the_update_as_step_does(monkeypatch):
+    """prune_to(gradual=True) is an in-training update: CSP's safeguard="auto" skips its two candidate
+    refits (the magnitude and the saliency supports), as Pruner.step() does on a gradual schedule; the
+    one-shot form runs them. Same model, statistics and masks either way."""
+    calls = []
+    real_refit = csp_module.refit
+    monkeypatch.setattr(csp_module, "refit", lambda *a, **k: calls.append(1) or real_refit(*a, **k))
+    counts, masks = {}, {}
+    for gradual in (False, True):
+        torch.manual_seed(0)
+        n, o = 32, 16
+        model = nn.Sequential(nn.Linear(n, o))
+        batches = [torch.randn(64, n) @ (torch.randn(n, n) / n**0.5 + torch.eye(n)) for _ in range(3)]
+        pruner = csprune.Pruner(model, CSP(solver="omp"), OneShot(0.5))
+        _calibrate(pruner, model, batches)
+        calls.clear()
+        report = pruner.prune_to(0.5, gradual=gradual)
+        counts[gradual], masks[gradual] = len(calls), pruner.masks()["0.weight"]
+        assert report["tensors"]["0.weight"]["safeguard_rows"] == 0 or not gradual
+    assert counts[False] - counts[True] == 2
+    assert masks[True].sum() == masks[False].sum()
