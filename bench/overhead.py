@@ -5,6 +5,11 @@ Runs the same training loop (same seeds, same data) without and with a Pruner
 amortized step-time ratio, including the pruning steps themselves.
 
     .venv/bin/python bench/overhead.py [--steps 300] [--layers 4]
+    .venv/bin/python bench/overhead.py --between 0.5   # a step between updates: pruned vs dense, no updates
+
+``--between S`` prunes the model once to S (magnitude, so no statistics hooks) and times the training
+step with ``pruner.step()`` against the dense step, interleaved over repeats (the hot path of
+docs/design.md "The training hot path").
 """
 
 from __future__ import annotations
@@ -58,13 +63,60 @@ def run(steps: int, layers: int, batch: int, frames: int, with_pruner: bool) -> 
     return total, prune_seconds, (pruner.sparsity() if pruner else {})
 
 
+def between_updates(sparsity: float, steps: int, repeats: int, layers: int, batch: int, frames: int) -> None:
+    """Median ms/step of dense and pruned (no mask updates) training, interleaved, and their ratio."""
+    from csprune.methods import Magnitude
+
+    def build(pruned: bool):
+        torch.manual_seed(0)
+        model = Model(layers)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+        pruner = None
+        if pruned:  # a schedule whose updates lie far beyond the loop: only the hot path runs
+            pruner = csprune.Pruner(model, Magnitude(), Cubic(sparsity, start_step=10**9, end_step=10**9 + 1, frequency=1),
+                                    optimizer=opt, targets=["enc.*"])
+            pruner.prune_to(sparsity)
+        return model, opt, pruner
+
+    def loop(model, opt, pruner, count):
+        gen = torch.Generator().manual_seed(0)
+        lens = torch.full((batch,), frames)
+        start = time.perf_counter()
+        for _ in range(count):
+            x = torch.randn(batch, frames, 144, generator=gen)
+            loss = model(x, lens).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if pruner is not None:
+                pruner.step()
+        return (time.perf_counter() - start) / count * 1e3
+
+    runs = {"dense": build(False), "pruned": build(True)}
+    times = {name: [] for name in runs}
+    for name, (m, o, p) in runs.items():
+        loop(m, o, p, 3)  # optimizer state exists from here on, as in fine-tuning
+    for _ in range(repeats):
+        for name, (m, o, p) in runs.items():
+            times[name].append(loop(m, o, p, steps))
+    med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+    print(f"between updates at sparsity {sparsity}: dense {med['dense']:.1f} ms/step, pruned {med['pruned']:.1f} ms/step "
+          f"(medians of {repeats} x {steps} steps); ratio {med['pruned'] / med['dense']:.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300, help="training steps per loop (pruning every 100)")
     ap.add_argument("--layers", type=int, default=4, help="Conformer blocks")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--frames", type=int, default=100, help="frames per utterance after subsampling")
+    ap.add_argument("--between", type=float, default=None, metavar="S",
+                    help="only time a step between updates at sparsity S (pruned vs dense)")
+    ap.add_argument("--repeats", type=int, default=5, help="--between: interleaved repeats")
     args = ap.parse_args()
+    if args.between is not None:
+        between_updates(args.between, 20, args.repeats, args.layers, args.batch, args.frames)
+        return
     torch.set_num_threads(torch.get_num_threads())
     run(5, args.layers, args.batch, args.frames, False)  # warm-up
     base, _, _ = run(args.steps, args.layers, args.batch, args.frames, False)
