@@ -40,8 +40,10 @@ SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
 # training hot path"). Not a tiny value either: denormals are slower still (946 us).
 PRUNED_SECOND_MOMENT = 1.0
 # The optimizer decays that 1 by its β each step (β₂ = 0.999: 0.37 after 1000 steps; RMSprop's 0.99:
-# 4e-5), so every this many calls enforce_zeros sets it back, long before any β >= 0.5 reaches a
-# denormal (0.5^100 = 8e-31), at the cost of one boolean fill per 100 steps.
+# 4e-5), so enforce_zeros sets it back on its first call after a mask change and every this many
+# calls after, long before any β >= 0.5 reaches a denormal (0.5^100 = 8e-31), at the cost of one
+# boolean fill per 100 steps. The first call also catches state the optimizer created after the mask
+# (zeros there).
 REFILL_EVERY = 100
 
 
@@ -72,8 +74,7 @@ class MaskParametrization(nn.Module):
         self.register_buffer("mask", mask.to(torch.bool), persistent=False)
         self.register_buffer("keep", mask.to(torch.float32), persistent=False)  # refreshed, in the weight's dtype, by enforce_zeros
         self.zeros_enforced = False
-        self.filled_state: set[int] = set()  # data_ptr of the second moments already set to 1 under this mask
-        self.fast_calls = 0  # enforce_zeros calls on the fast path since the last refill
+        self.fast_calls = 0  # enforce_zeros calls on the fast path since the mask last changed
         self._hooked = None  # weakref to the tensor carrying our gradient hook (a deepcopy re-hooks its own)
         self._hook = None
 
@@ -172,27 +173,20 @@ def enforce_zeros(module: nn.Module, name: str, optimizer: torch.optim.Optimizer
         # Nothing changed since the last full pass: with a zero gradient and zero first moments the
         # optimizer leaves the pruned weights at zero, so this only guards against drift.
         original.mul_(param.keep.to(original.dtype))
+        refill = param.fast_calls % REFILL_EVERY == 0  # the first fast call, then every REFILL_EVERY
         param.fast_calls += 1
-        refill = param.fast_calls >= REFILL_EVERY
         for key, value in shaped.items():
             if key not in SECOND_MOMENT_KEYS:
                 if value.is_floating_point():
                     value.mul_(param.keep.to(value.dtype))
-            elif refill or value.data_ptr() not in param.filled_state:  # decayed, or created after the mask (zeros)
+            elif refill:
                 value.masked_fill_(~mask, PRUNED_SECOND_MOMENT)
-                param.filled_state.add(value.data_ptr())
-        if refill:
-            param.fast_calls = 0
         return
     pruned = ~mask
     original.masked_fill_(pruned, 0.0)  # +0.0: a -0.0 would cost a sign bit in the sparse export
-    param.filled_state = set()
     param.fast_calls = 0
     for key, value in shaped.items():
-        second = key in SECOND_MOMENT_KEYS
-        value.masked_fill_(pruned, PRUNED_SECOND_MOMENT if second else 0)
-        if second:
-            param.filled_state.add(value.data_ptr())
+        value.masked_fill_(pruned, PRUNED_SECOND_MOMENT if key in SECOND_MOMENT_KEYS else 0)
     param.keep = mask.to(original.dtype)
     param.zeros_enforced = True
 
