@@ -171,3 +171,78 @@ def test_cmrl_files_match_the_entropy_estimate(target, an4_root, tmp_path, singl
         entropy_bits += float(-(p * np.log2(p)).sum()) * counts.sum()
     ratio = 8 * file_bytes / entropy_bits
     assert 1.0 <= ratio <= 1.03, ratio
+
+
+def _feed(loss: CodecLoss, hard: list[float], steps: int) -> None:
+    """``steps`` optimizer steps in which module m's hard codes cost hard[m] bits/value."""
+    frames = torch.randn(2, 512)
+    modules = [{"entropy": torch.tensor(h), "hard_entropy": h, "penalty": torch.tensor(0.0)} for h in hard]
+    for _ in range(steps):
+        loss(frames, frames, modules)
+        loss.step_rate_control()
+
+
+def test_the_proportional_term_follows_a_smoothed_rate():
+    """One step's rate moves the EMA by β of the gap; the P term k_p·e reads the EMA's relative error, the integral
+    the step's own (clipped) error."""
+    cfg = LossConfig(target_bitrate=16000, rate_gain=0.01, rate_p_gain=0.1, rate_smoothing=0.1, spill=False)
+    loss = CodecLoss(cfg, 1, 8000.0)  # budget 2 bits/value = 16 kbit/s
+    _feed(loss, [2.0], 1)  # the first step starts the EMA at its rate: on budget, λ stays 0
+    assert loss.rate_ema[0] == pytest.approx(16000.0) and float(loss.rate_weight[0]) == pytest.approx(0.0)
+    _feed(loss, [4.0], 1)  # one step at twice the budget: EMA 16k + 0.1·16k, P error +0.1 (not +1)
+    assert loss.rate_ema[0] == pytest.approx(17600.0)
+    assert float(loss.rate_weight[0]) == pytest.approx(0.01 * 1.0)
+    assert loss.applied_weight(0) == pytest.approx(0.01 + 0.1 * 0.1)
+
+
+def test_a_respread_drops_the_penalty_and_restarts_the_rate():
+    cfg = LossConfig(target_bitrate=16000, rate_gain=0.01, rate_weight_max=1.0, spill=False)
+    loss = CodecLoss(cfg, 2, 8000.0)
+    _feed(loss, [3.0, 3.0], 30)  # both over budget (1 bit/value each): λ > 0
+    assert float(loss.rate_weight[1]) > 0.1
+    loss.respread_done(1)
+    assert float(loss.rate_weight[1]) == 0.0 and float(loss.rate_error[1]) == 0.0 and loss.rate_ema[1] is None
+    assert float(loss.rate_weight[0]) > 0.1  # the other module keeps its state
+    loss.rate_weight[1] = -0.5
+    loss.respread_done(1)
+    assert float(loss.rate_weight[1]) == -0.5  # a reward for entropy is kept: the module needs bits
+
+
+def test_a_module_that_cannot_use_its_budget_spills_it_to_module_0():
+    """Module 1 stuck at half its budget drives λ₁ to −λ_max; then module 0's target grows by the shortfall (the EMA's),
+    so the total target holds, and module 0, now under its target, is pushed up. Without spill nothing moves."""
+    for spill in (True, False):
+        cfg = LossConfig(target_bitrate=16000, rate_gain=0.01, rate_weight_max=0.05, spill=spill)
+        loss = CodecLoss(cfg, 2, 8000.0)  # budgets 8 kbit/s = 1 bit/value each
+        _feed(loss, [1.0, 0.5], 5)
+        assert loss.module_bitrate_targets[0] == pytest.approx(8000.0)  # λ₁ not pinned yet: no spill
+        _feed(loss, [1.0, 0.5], 40)
+        assert float(loss.rate_weight[1]) == pytest.approx(-0.05)
+        if spill:
+            assert loss.module_bitrate_targets[0] == pytest.approx(8000.0 + (8000.0 - loss.rate_ema[1]))
+            assert loss.module_bitrate_targets[0] > 11000.0 and float(loss.rate_weight[0]) < 0.0
+        else:
+            assert loss.module_bitrate_targets[0] == pytest.approx(8000.0) and float(loss.rate_weight[0]) == pytest.approx(0.0)
+        assert loss.budget_targets == pytest.approx([8000.0, 8000.0])
+
+
+def test_no_respread_late_in_a_stage_but_still_a_warning(caplog, single_thread):
+    torch.manual_seed(0)
+    writer = _Writer()
+    _, _, step = _train([1.0, 1.0], 0, writer=writer)
+    step.respread_stop = 0  # every step is "late"
+    model = step.codec.model
+    with torch.no_grad():
+        model.stages[1].encoder.out_conv.weight.mul_(0.005)
+        model.stages[1].encoder.out_conv.bias.fill_(0.3)
+    centroids = model.stages[1].quantizer.centroids.detach().clone()
+    frames = _frames(torch.Generator().manual_seed(5), 32)
+    with caplog.at_level(logging.WARNING, logger="csprune.codec"):
+        for _ in range(step.loss.cfg.floor_patience):
+            out = model(frames)
+            step.loss(out["decoded"], frames, out["modules"])
+            step.last_modules = out["modules"]
+            step.after_step(True)
+    assert len(caplog.records) == 1 and "too late in the stage" in caplog.records[0].getMessage()
+    assert [tag for tag, _, _ in writer.scalars] == ["rate/below_floor_m1"]
+    assert torch.equal(model.stages[1].quantizer.centroids.detach(), centroids)

@@ -21,6 +21,17 @@ drive a module to a single code. Below ``entropy_floor`` × its budget a module 
 recipe warns (log and TensorBoard) and re-spreads its centroids over its values
 (``SoftToHardQuantizer.respread``), since a module whose values all sit in one centroid's basin gets
 almost no gradient from the soft assignment.
+
+Three details keep the loop from cycling (recipes/codec/RESULTS.md, the 0.6/0.4 shares run):
+- the proportional term and the floor check read an EMA of each module's per-step hard rate
+  (β = ``rate_smoothing``), not the single step's: per-batch rates of a residual module are too noisy
+  for them (the integral averages by itself; feeding it the EMA too added lag and made a tiny module
+  overshoot into collapse in tests/test_codec_rate.py);
+- a re-spread hands the controller a state it can hold: λ_m ← min(λ_m, 0) (the penalty that pushed the
+  module through its floor is dropped), the EMA restarts from the next step, and the recipe does not
+  re-spread in the last ``1 − respread_until`` of a stage's steps (it still warns);
+- ``spill``: a later module that stays under budget with λ_m at −λ_max (it cannot use more bits however
+  much they are rewarded) hands its shortfall to module 0's target, so the total rate lands.
 """
 
 from __future__ import annotations
@@ -52,6 +63,11 @@ class LossConfig:
     entropy_floor: float = 0.5  # a module below this fraction of its budget (bits/value) is collapsing: warned, re-spread
     floor_patience: int = 10  # steps in a row below the floor before it counts: one batch's entropy is noisy
     floor_cooldown: int = 50  # steps after a re-spread before the next: the module needs time to use its new codes
+    rate_smoothing: float = 0.1  # β of the EMA of each module's hard rate behind k_p·e and the floor check (~10 steps):
+    # one batch's module-1 rate swung 0.5-40 kbit/s, and a per-step integrator on it limit-cycled (RESULTS.md)
+    respread_until: float = 0.9  # fraction of a stage's steps after which a collapse is warned about but not re-spread:
+    # a re-spread 21 steps before the end left near-uniform test codes (34 kbit/s against a 6.4 budget)
+    spill: bool = True  # budget a later module cannot use at λ = −λ_max goes to module 0, so the total lands on target
     psychoacoustic: bool = False  # add the priority-weighting and noise-modulation terms (Zhen et al. 2020)
     priority_weight: float = 1.0  # psychoacoustic term weights
     noise_weight: float = 0.1
@@ -132,6 +148,8 @@ class CodecLoss(nn.Module):
         self.last_rates: dict[int, float] = {}  # module -> the last applied step's mean hard bitrate (bit/s)
         self._below = [0] * num_modules  # steps in a row each module has been below its floor
         self._cooldown = [0] * num_modules  # steps left before a module may be reported again
+        self.rate_ema: list[Optional[float]] = [None] * num_modules  # smoothed hard rate (bit/s); None: restart
+        self.budget_targets = list(self.module_bitrate_targets)  # the explicit budgets; module_bitrate_targets may spill
 
     def applied_weight(self, m: int) -> float:
         """The entropy weight used this step: λ_m + k_p·e_m, within ±λ_max (a PI controller on the rate)."""
@@ -168,6 +186,7 @@ class CodecLoss(nn.Module):
             terms[f"hard_entropy_m{m}"] = hard
             terms[f"bitrate_m{m}"] = hard * self.codes_per_second
             terms[f"rate_weight_m{m}"] = weight
+            terms[f"target_m{m}"] = self.module_bitrate_targets[m]  # module 0's moves when a later module spills
             if self.training:
                 self._bits[m] += hard * self.codes_per_second
                 self._calls[m] += 1
@@ -207,13 +226,35 @@ class CodecLoss(nn.Module):
             if calls[m] > 0:
                 rate = float(bits[m] / calls[m])
                 self.last_rates[m] = rate
-                error = max(-1.0, min(1.0, rate / self.module_bitrate_targets[m] - 1.0))  # ≤ η a step, however far off
-                self.rate_error[m] = error
-                self.rate_weight[m] = float(self.rate_weight[m] + c.rate_gain * error)
+                ema = self.rate_ema[m]
+                ema = rate if ema is None else ema + c.rate_smoothing * (rate - ema)
+                self.rate_ema[m] = ema
+                target = self.module_bitrate_targets[m]
+                error = max(-1.0, min(1.0, rate / target - 1.0))  # ≤ η a step, however far off
+                self.rate_error[m] = max(-1.0, min(1.0, ema / target - 1.0))  # the P term: smoothed
+                self.rate_weight[m] = float(self.rate_weight[m] + c.rate_gain * error)  # the integral: itself a low-pass
                 self.rate_weight[m] = self.rate_weight[m].clamp(-c.rate_weight_max, c.rate_weight_max)
                 self._cooldown[m] = max(0, self._cooldown[m] - 1)
-                self._below[m] = self._below[m] + 1 if rate / self.codes_per_second < self.floors[m] else 0
+                self._below[m] = self._below[m] + 1 if ema / self.codes_per_second < self.floors[m] else 0
                 if self._below[m] >= c.floor_patience and self._cooldown[m] == 0:
                     below.append(m)
                     self._below[m], self._cooldown[m] = 0, c.floor_cooldown
+        if c.spill:
+            self._spill()
         return below
+
+    def _spill(self) -> None:
+        """Module 0's target: its budget plus what the later modules pinned at λ = −λ_max leave unused."""
+        c, spare = self.cfg, 0.0
+        for m in range(1, len(self.budget_targets)):
+            ema = self.rate_ema[m]
+            if ema is not None and float(self.rate_weight[m]) <= -c.rate_weight_max * (1 - 1e-6):
+                spare += max(0.0, self.budget_targets[m] - ema)
+        self.module_bitrate_targets[0] = self.budget_targets[0] + spare
+
+    def respread_done(self, m: int) -> None:
+        """Module m's centroids were re-spread: drop the penalty that pushed it through its floor
+        (λ_m ← min(λ_m, 0), no proportional term) and restart its smoothed rate from the next step."""
+        self.rate_weight[m] = min(float(self.rate_weight[m]), 0.0)
+        self.rate_error[m] = 0.0
+        self.rate_ema[m] = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -84,6 +85,8 @@ class TrainStep:
         self.device = next(codec.model.parameters()).device
         self.last_modules: list[dict] = []  # the latest batch's module outputs (their code values, for a re-spread)
         self.amp = False  # trainer.amp: bf16 autocast of the model's forward (the loss stays float32)
+        self.applied_steps = 0  # optimizer steps this stage has seen (after_step calls)
+        self.respread_stop: int | None = None  # from this applied step on a collapse is warned about, not re-spread
 
     def __call__(self, model, index: torch.Tensor) -> torch.Tensor:
         frames = self.bank.frames[index].to(self.device)
@@ -105,19 +108,22 @@ class TrainStep:
         """``fit``'s ``on_step``: move λ once per optimizer step; a module below its entropy floor is warned
         about (run log and TensorBoard ``rate/below_floor_m<m>``, never silent) and its centroids re-spread."""
         below = self.loss.step_rate_control(applied)
+        self.applied_steps += 1
+        late = self.respread_stop is not None and self.applied_steps >= self.respread_stop
+        action = "left as is: too late in the stage to re-spread" if late else "its centroids are re-spread over its code values"
         model = self.codec.model.module if hasattr(self.codec.model, "module") else self.codec.model
         for m in below:
-            rate = self.loss.last_rates[m]
+            rate = self.loss.rate_ema[m]
             floor = self.loss.floors[m] * self.loss.codes_per_second
             log.warning("codec %s step %d: module %d spends %.0f bit/s, below its entropy floor %.0f bit/s (budget %.0f): "
-                        "collapsing; its centroids are re-spread over its code values", self.stage, self.step, m, rate, floor,
-                        self.loss.module_bitrate_targets[m])
+                        "collapsing; %s", self.stage, self.step, m, rate, floor, self.loss.budget_targets[m], action)
             if self.writer is not None:
                 self.writer.add_scalar(f"rate/below_floor_m{m}", 1.0, self.step)
                 self.writer.add_text("rate/warnings", f"{self.stage} step {self.step}: module {m} at {rate:.0f} bit/s, "
-                                     f"below its floor {floor:.0f} bit/s; centroids re-spread", self.step)
-            if m < len(self.last_modules):
+                                     f"below its floor {floor:.0f} bit/s; {action}", self.step)
+            if m < len(self.last_modules) and not late:
                 model.stages[m].quantizer.respread(self.last_modules[m]["values"])
+                self.loss.respread_done(m)
 
 
 def shard_batches(batches: list[torch.Tensor], rank: int, world: int, micro: int) -> list:
@@ -146,6 +152,7 @@ def train_stage(codec: SpeechCodec, bank: FrameBank, loss: CodecLoss, cfg: DictC
     count = None if d.frames_per_epoch is None else per_epoch
     step_fn = TrainStep(codec, bank, loss, upto, train_only, writer, stage, step, tc.log_every)
     step_fn.amp = bool(tc.get("amp", False))
+    step_fn.respread_stop = int(math.ceil(loss.cfg.respread_until * total))
     loss.train()  # the rate controller adapts λ only in training mode
     micro = tc.micro_batches
     batches = lambda epoch: shard_batches(bank.batches(d.batch_size, count, generator), rank, world, micro)  # noqa: E731
