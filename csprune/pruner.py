@@ -175,7 +175,15 @@ class Pruner:
         if self.stats is None:
             return
         t = self._step
-        self.stats.enabled = any(self.schedule.is_update(u) for u in range(t, t + self.stats_steps))
+        self.stats.enabled = any(self.schedule.is_update(u) and self.method.observes(self._is_final(self._target_level(u)))
+                                 for u in range(t, t + self.stats_steps))
+
+    def _is_final(self, level: float) -> bool:
+        """Whether an update to ``level`` reaches the schedule's final sparsity."""
+        final = self.schedule.final_sparsity
+        if self.pattern and final > 0:
+            final = 1.0 - self.pattern[0] / self.pattern[1]
+        return level >= final - 1e-9
 
     def enforce(self) -> None:
         """Zero pruned weights and their optimizer state (idempotent)."""
@@ -218,7 +226,7 @@ class Pruner:
             allowed = torch.ones_like(w, dtype=torch.bool) if self.regrow else view.rows(M.get_mask(t.module, t.param_name))
             rows.append(w)
             contexts.append(LayerContext(view, self.stats, self._step, allowed, self.pattern, self._method_state[t.fqn],
-                                         gradual=gradual))
+                                         gradual=gradual, final=not gradual or self._is_final(level)))
         if self.stats is not None and self.stats.mode is not None:
             self._sync_stats()
         scores = []

@@ -236,3 +236,56 @@ def test_prune_to_gradual_runs_the_update_as_step_does(monkeypatch):
         assert report["tensors"]["0.weight"]["safeguard_rows"] == 0 or not gradual
     assert counts[False] - counts[True] == 2
     assert masks[True].sum() == masks[False].sum()
+
+
+def test_solve_updates_final_prunes_by_magnitude_until_the_last_update():
+    """CSP(solve_updates="final") on a cubic schedule: the updates before the last observe nothing and keep the
+    layer's top-|w| (values untouched, like gmp); only the stats_steps before the final update are observed, and
+    that update solves (values refit) from the mask the others left. The default ("all") solves at every update."""
+    for mode in ("final", "all"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        schedule = Cubic(0.75, start_step=0, end_step=24, frequency=6)
+        pruner = csprune.Pruner(model, CSP(solve_updates=mode), schedule, optimizer=opt, stats_steps=2)
+        gen = torch.Generator().manual_seed(0)
+        mix = torch.randn(12, 12, generator=gen) + 2 * torch.eye(12)
+        observed, solvers = [], []
+        for step in range(30):
+            observed.append(pruner.stats.enabled)
+            x = torch.randn(32, 12, generator=gen) @ mix
+            loss = model(x).sub(x[:, :8]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            before = {t.fqn: (M.original_param(t.module, t.param_name).detach().clone(),
+                              M.get_mask(t.module, t.param_name).clone()) for t in pruner.targets}
+            report = pruner.step()
+            if report is None:
+                continue
+            level = report["scheduled_sparsity"]
+            final = level >= 0.75 - 1e-9
+            for t in pruner.targets:
+                info = report["tensors"][t.fqn]
+                solvers.append((step, info["solver"]))
+                w_old, mask_old = before[t.fqn]
+                w_new = M.original_param(t.module, t.param_name).detach()
+                mask = M.get_mask(t.module, t.param_name)
+                assert bool((mask <= mask_old).all())
+                if mode == "final" and not final:
+                    assert info["solver"] == "magnitude"
+                    assert torch.equal(w_new[mask], w_old[mask])  # no refit
+                    scores = (w_old * mask_old).abs()  # layer scope: the kept weights are the layer's largest |w|
+                    assert float(scores[mask].min()) >= float(scores[mask_old & ~mask].max())
+                else:
+                    assert info["solver"] != "magnitude"
+                    assert not torch.equal(w_new[mask], w_old[mask])  # least-squares values written
+        updates = [s for s, _ in solvers[::2]]
+        assert len(updates) >= 3
+        last = updates[-1]
+        if mode == "final":
+            # observed only in the stats_steps (2) before the final update
+            assert [s for s, on in enumerate(observed) if on] == [last - 1, last]
+        else:
+            assert sum(observed) >= 2 * len(updates) - 1
+    assert pruner.sparsity()["total"] == pytest.approx(0.75, abs=0.02)

@@ -57,6 +57,7 @@ class LayerContext:
         state: per-target scratch the method may keep between pruning steps (e.g. warm starts).
         gradual: True when this is one update of a gradual schedule (training continues after it and
             more updates follow); False for a one-shot step.
+        final: True when this step reaches the schedule's final sparsity (always for a one-shot step).
     """
 
     target: Target
@@ -66,6 +67,7 @@ class LayerContext:
     pattern: tuple[int, int] | None = None
     state: dict = field(default_factory=dict)
     gradual: bool = False
+    final: bool = True
 
 
 @dataclass
@@ -97,6 +99,11 @@ class Method:
     stats_mode: str | None = None
     train_l1: float = 0.0
     row_floor: bool = True  # docs/design.md §3: budgets never starve a row that magnitude would keep alive
+
+    def observes(self, final: bool) -> bool:
+        """Whether an update needs input statistics (``final``: it reaches the final sparsity); the
+        pruner observes the ``stats_steps`` before an update only when this says so."""
+        return self.stats_mode is not None
 
     def score(self, rows: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """Importance of each weight (higher = keep).

@@ -51,6 +51,10 @@ class CSP(Method):
             error than the solver's; greedy recovery is not optimal, and this costs two batched refits
             (∝ k³ per row). "auto": on for one-shot steps, off for gradual updates, where the
             training that follows matters more than the last refit and the update must stay cheap.
+        solve_updates: which updates of a gradual schedule run the solver: "all", or "final" (the
+            ones before it rank and keep by |w| as gmp does, with no statistics and no solve; the
+            update that reaches the final sparsity senses and solves, warm-started from the mask
+            they left). "all" by default: see docs/design.md §3 for what each costs and scores.
     """
 
     name = "csp"
@@ -65,6 +69,7 @@ class CSP(Method):
         train_l1: float = 0.0,
         solver_options: dict | None = None,
         safeguard: bool | str = "auto",
+        solve_updates: str = "all",
     ) -> None:
         if sensing not in SENSINGS:
             raise ConfigError(f"sensing={sensing!r}: expected one of {SENSINGS}")
@@ -72,6 +77,8 @@ class CSP(Method):
             raise ConfigError(f"solver={solver!r}: expected auto or one of {SOLVERS}")
         if safeguard not in (True, False, "auto"):
             raise ConfigError(f"safeguard={safeguard!r}: expected true, false or auto")
+        if solve_updates not in ("all", "final"):
+            raise ConfigError(f"solve_updates={solve_updates!r}: expected all or final")
         if damping < 0:
             raise ConfigError(f"damping={damping}: must be >= 0")
         if not 0 < gaussian_ratio:
@@ -83,6 +90,7 @@ class CSP(Method):
         self.train_l1 = float(train_l1)
         self.solver_options = dict(solver_options or {})
         self.safeguard = safeguard
+        self.solve_updates = solve_updates
         self.stats_mode = "full" if sensing == "activations" else None
 
     def _gram(self, rows: torch.Tensor, ctx: LayerContext) -> tuple[torch.Tensor, str]:
@@ -93,7 +101,16 @@ class CSP(Method):
             ctx.state["_gram"] = cached
         return cached[0], cached[1]
 
+    def observes(self, final: bool) -> bool:
+        return self.stats_mode is not None and (final or self.solve_updates == "all")
+
+    def _by_magnitude(self, ctx: LayerContext) -> bool:
+        """An update before the final one under ``solve_updates="final"``: |w| ranks and keeps."""
+        return ctx.gradual and not ctx.final and self.solve_updates == "final"
+
     def score(self, rows: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        if self._by_magnitude(ctx):
+            return rows.abs()
         gram, _ = self._gram(rows, ctx)
         g = gram.shape[0]
         o, n = rows.shape
@@ -101,6 +118,8 @@ class CSP(Method):
         return (rows.abs().reshape(g, o // g, n) * scale.unsqueeze(1)).reshape(o, n)
 
     def select(self, rows: torch.Tensor, keep: torch.Tensor, ctx: LayerContext) -> Selection:
+        if self._by_magnitude(ctx):
+            return Selection(keep, None, {"solver": "magnitude"})
         gram, used = self._gram(rows, ctx)
         ctx.state.pop("_gram", None)  # do not hold an n×n matrix per tensor between steps
         xy = grouped_xy(gram, rows)
@@ -161,4 +180,5 @@ class CSP(Method):
         return "obs" if removed <= int(k_rows.sum()) else "omp"
 
     def extra_repr(self) -> str:
-        return f"sensing={self.sensing!r}, solver={self.solver!r}"
+        extra = ", solve_updates='final'" if self.solve_updates == "final" else ""
+        return f"sensing={self.sensing!r}, solver={self.solver!r}{extra}"

@@ -44,6 +44,7 @@ class PruneConfig:
     sensing: str = "activations"  # csp: activations | gaussian | identity
     solver: str = "auto"  # csp: auto (obs when an update removes <= what it keeps, else omp) | omp | obs | sparsegpt | fista | cvxpy | sklearn
     safeguard: Any = "auto"  # csp: true | false | auto (on one-shot, off in gradual updates): fall back per row to refit top-|w|/saliency supports
+    solve_updates: str = "all"  # csp on a gradual schedule: all (every update solves) | final (|w| until the last update, which solves)
     damping: float = 0.01  # δ of G + δ·mean(diag G)·I
     gaussian_ratio: float = 0.5  # ρ = m/n of gaussian sensing
     train_l1: float = 0.0  # csp: λ_train of the annealed ℓ1 penalty (0: off)
@@ -155,6 +156,7 @@ def validate_prune_config(p: Mapping[str, Any], prefix: str = "prune") -> None:
         "sensing": SENSINGS,
         "solver": SOLVERS + ("auto",),
         "safeguard": (True, False, "auto"),
+        "solve_updates": ("all", "final"),
         "values_dtype": ("float32", "float16", "bfloat16", "int8"),
         "calib_mode": ("eval", "train"),
     }
