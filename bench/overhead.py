@@ -4,7 +4,7 @@ Runs the same training loop (same seeds, same data) without and with a Pruner
 (CSP, activation sensing, Cubic schedule pruning every 100 steps) and prints the
 amortized step-time ratio, including the pruning steps themselves.
 
-    .venv/bin/python bench/overhead.py [--steps 300] [--layers 4]
+    .venv/bin/python bench/overhead.py [--steps 300] [--layers 4] [--solve-updates final]
     .venv/bin/python bench/overhead.py --between 0.5   # a step between updates: pruned vs dense, no updates
 
 ``--between S`` prunes the model once to S (magnitude, so no statistics hooks) and times the training
@@ -37,13 +37,14 @@ class Model(nn.Module):
         return self.head(y)
 
 
-def run(steps: int, layers: int, batch: int, frames: int, with_pruner: bool) -> tuple[float, float, dict]:
+def run(steps: int, layers: int, batch: int, frames: int, with_pruner: bool,
+        solve_updates: str = "all") -> tuple[float, float, dict]:
     torch.manual_seed(0)
     model = Model(layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     pruner = None
     if with_pruner:
-        pruner = csprune.Pruner(model, CSP(), Cubic(0.7, start_step=0, end_step=steps, frequency=100),
+        pruner = csprune.Pruner(model, CSP(solve_updates=solve_updates), Cubic(0.7, start_step=0, end_step=steps, frequency=100),
                                 optimizer=opt, targets=["enc.*"])
     gen = torch.Generator().manual_seed(0)
     lens = torch.full((batch,), frames)
@@ -113,6 +114,7 @@ def main():
     ap.add_argument("--between", type=float, default=None, metavar="S",
                     help="only time a step between updates at sparsity S (pruned vs dense)")
     ap.add_argument("--repeats", type=int, default=5, help="--between: interleaved repeats")
+    ap.add_argument("--solve-updates", default="all", choices=["all", "final"], help="CSP(solve_updates=...)")
     args = ap.parse_args()
     if args.between is not None:
         between_updates(args.between, 20, args.repeats, args.layers, args.batch, args.frames)
@@ -120,8 +122,8 @@ def main():
     torch.set_num_threads(torch.get_num_threads())
     run(5, args.layers, args.batch, args.frames, False)  # warm-up
     base, _, _ = run(args.steps, args.layers, args.batch, args.frames, False)
-    pruned, prune_s, sparsity = run(args.steps, args.layers, args.batch, args.frames, True)
-    print(f"steps={args.steps} layers={args.layers} batch={args.batch}x{args.frames}")
+    pruned, prune_s, sparsity = run(args.steps, args.layers, args.batch, args.frames, True, args.solve_updates)
+    print(f"steps={args.steps} layers={args.layers} batch={args.batch}x{args.frames} solve_updates={args.solve_updates}")
     print(f"dense loop     {base:8.2f} s  ({base / args.steps * 1e3:.1f} ms/step)")
     print(f"with Pruner    {pruned:8.2f} s  ({pruned / args.steps * 1e3:.1f} ms/step; {prune_s:.2f} s in pruning steps)")
     print(f"final sparsity {sparsity.get('total', 0):.3f}")
