@@ -13,7 +13,7 @@ import torch
 from recipes.codec.codec import SpeechCodec
 from recipes.codec.loss import CodecLoss, LossConfig
 from recipes.codec.model import CMRL
-from recipes.codec.run import TrainStep
+from recipes.codec.run import TrainStep, respread_stop
 
 FRAME = 128
 CODES_PER_SECOND = 1000.0  # any unit: budgets below are in bits per code value × this
@@ -246,3 +246,8 @@ def test_no_respread_late_in_a_stage_but_still_a_warning(caplog, single_thread):
     assert len(caplog.records) == 1 and "too late in the stage" in caplog.records[0].getMessage()
     assert [tag for tag, _, _ in writer.scalars] == ["rate/below_floor_m1"]
     assert torch.equal(model.stages[1].quantizer.centroids.detach(), centroids)
+
+
+def test_the_late_stage_rule_spares_greedy_stages():
+    assert respread_stop("greedy_m1", 512, 0.9) is None  # the joint phase follows: a re-spread is in time
+    assert respread_stop("joint", 3584, 0.9) == 3226 and respread_stop("finetune", 256, 0.9) == 231

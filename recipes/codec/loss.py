@@ -29,7 +29,8 @@ Three details keep the loop from cycling (recipes/codec/RESULTS.md, the 0.6/0.4 
   overshoot into collapse in tests/test_codec_rate.py);
 - a re-spread hands the controller a state it can hold: λ_m ← min(λ_m, 0) (the penalty that pushed the
   module through its floor is dropped), the EMA restarts from the next step, and the recipe does not
-  re-spread in the last ``1 − respread_until`` of a stage's steps (it still warns);
+  re-spread in the last ``1 − respread_until`` of a joint or fine-tuning stage's steps (it still warns;
+  a greedy stage is followed by more training, so a re-spread there is always in time);
 - ``spill``: a later module that stays under budget with λ_m at −λ_max (it cannot use more bits however
   much they are rewarded) hands its shortfall to module 0's target, so the total rate lands.
 """
@@ -65,7 +66,7 @@ class LossConfig:
     floor_cooldown: int = 50  # steps after a re-spread before the next: the module needs time to use its new codes
     rate_smoothing: float = 0.1  # β of the EMA of each module's hard rate behind k_p·e and the floor check (~10 steps):
     # one batch's module-1 rate swung 0.5-40 kbit/s, and a per-step integrator on it limit-cycled (RESULTS.md)
-    respread_until: float = 0.9  # fraction of a stage's steps after which a collapse is warned about but not re-spread:
+    respread_until: float = 0.9  # fraction of a joint/fine-tuning stage's steps after which a collapse is warned about, not re-spread:
     # a re-spread 21 steps before the end left near-uniform test codes (34 kbit/s against a 6.4 budget)
     spill: bool = True  # budget a later module cannot use at λ = −λ_max goes to module 0, so the total lands on target
     psychoacoustic: bool = False  # add the priority-weighting and noise-modulation terms (Zhen et al. 2020)

@@ -126,6 +126,15 @@ class TrainStep:
                 self.loss.respread_done(m)
 
 
+def respread_stop(stage: str, total: int, until: float) -> int | None:
+    """The applied step of a stage from which a collapse is only warned about (None: never).
+
+    A greedy stage is followed by more training, so a re-spread there is always in time; the rule is for
+    the stages whose codes get evaluated (joint, fine-tuning): none in their last ``1 − until`` of steps.
+    """
+    return None if stage.startswith("greedy") else int(math.ceil(until * total))
+
+
 def shard_batches(batches: list[torch.Tensor], rank: int, world: int, micro: int) -> list:
     """This rank's shards of each global batch of frame indices: rows ``s::S`` for its ``micro`` shards
     ``s = rank·micro … (rank+1)·micro − 1`` of ``S = world·micro`` (the batch itself when S = 1)."""
@@ -152,7 +161,7 @@ def train_stage(codec: SpeechCodec, bank: FrameBank, loss: CodecLoss, cfg: DictC
     count = None if d.frames_per_epoch is None else per_epoch
     step_fn = TrainStep(codec, bank, loss, upto, train_only, writer, stage, step, tc.log_every)
     step_fn.amp = bool(tc.get("amp", False))
-    step_fn.respread_stop = int(math.ceil(loss.cfg.respread_until * total))
+    step_fn.respread_stop = respread_stop(stage, total, loss.cfg.respread_until)
     loss.train()  # the rate controller adapts λ only in training mode
     micro = tc.micro_batches
     batches = lambda epoch: shard_batches(bank.batches(d.batch_size, count, generator), rank, world, micro)  # noqa: E731
