@@ -188,6 +188,8 @@ class CodecLoss(nn.Module):
             terms[f"bitrate_m{m}"] = hard * self.codes_per_second
             terms[f"rate_weight_m{m}"] = weight
             terms[f"target_m{m}"] = self.module_bitrate_targets[m]  # module 0's moves when a later module spills
+            if self.rate_ema[m] is not None:
+                terms[f"rate_ema_m{m}"] = self.rate_ema[m]  # what the P term and the floor read (up to the last step)
             if self.training:
                 self._bits[m] += hard * self.codes_per_second
                 self._calls[m] += 1
