@@ -251,3 +251,81 @@ def test_no_respread_late_in_a_stage_but_still_a_warning(caplog, single_thread):
 def test_the_late_stage_rule_spares_greedy_stages():
     assert respread_stop("greedy_m1", 512, 0.9) is None  # the joint phase follows: a re-spread is in time
     assert respread_stop("joint", 3584, 0.9) == 3226 and respread_stop("finetune", 256, 0.9) == 231
+
+
+def _code_values(n: int = 20000, seed: int = 0) -> torch.Tensor:
+    """[n] tanh code values shaped like a trained module's: most near 0 (silence), a wide tail (speech)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.tanh(0.3 * torch.randn(n, generator=gen) * (1 + 2 * torch.rand(n, generator=gen)))
+
+
+def _nearest_bits(q, values: torch.Tensor) -> float:
+    counts = q.count_codes((values.unsqueeze(-1) - q.levels()).abs().argmin(-1)).double() + 0.5
+    p = counts / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+def test_the_rate_trim_lands_a_module_under_its_budget_and_not_far_below():
+    """fit_coder with a budget below what nearest-centroid codes cost: the codes it makes at inference cost at most the
+    budget and at least 97% of it (μ is the smallest that fits, to 1e-3); with no budget or a loose one, μ = 0."""
+    from recipes.codec.model import SoftToHardQuantizer
+
+    values = _code_values()
+    q = SoftToHardQuantizer(32).eval()
+    free = q.fit_coder(values, None)
+    assert float(q.rate_tradeoff) == 0.0 and free == pytest.approx(_nearest_bits(q, values), rel=1e-3)
+    assert q.fit_coder(values, free * 1.2) == pytest.approx(free, rel=1e-9) and float(q.rate_tradeoff) == 0.0
+    for fraction in (0.9, 0.7):
+        bits = q.fit_coder(values, fraction * free)
+        assert float(q.rate_tradeoff) > 0
+        idx = q.indices(values)  # the inference-time choice, as the encoder makes it
+        counts = q.count_codes(idx).double()
+        paid = float(-(counts / counts.sum() * q.code_probs.double().log2()).sum())
+        assert paid == pytest.approx(bits, rel=1e-4)
+        assert 0.97 * fraction * free <= paid <= fraction * free * (1 + 1e-6), (fraction, paid, free)
+
+
+def test_a_trimmed_quantizer_assigns_nearest_in_training_and_loads_old_checkpoints():
+    """μ acts only at inference (training keeps nearest-centroid codes, which straight-through needs); a state dict
+    written before ``rate_tradeoff`` existed loads with μ = 0 (nearest centroid)."""
+    from recipes.codec.model import SoftToHardQuantizer
+
+    values = _code_values()
+    q = SoftToHardQuantizer(32).eval()
+    q.fit_coder(values, 0.7 * q.fit_coder(values, None))
+    nearest = (values.unsqueeze(-1) - q.levels()).abs().argmin(-1)
+    assert not torch.equal(q.indices(values), nearest)
+    assert torch.equal(q.train().indices(values), nearest)
+    old = {k: v for k, v in q.state_dict().items() if k != "rate_tradeoff"}
+    fresh = SoftToHardQuantizer(32).eval()
+    fresh.rate_tradeoff.fill_(1.0)
+    fresh.load_state_dict(old)
+    assert float(fresh.rate_tradeoff) == 0.0 and torch.equal(fresh.indices(values), nearest)
+
+
+def test_fit_coders_trims_each_module_to_its_budget_and_passes_slack_on(single_thread):
+    """On a tiny untrained 2-module codec: with budgets at 60% of module 0's rate and far above module 1's, module 0 is
+    trimmed to its budget and module 1, under its budget plus nothing left over, stays untrimmed; with module 0's budget
+    loose, its slack raises module 1's cap (so module 1 is never trimmed when the total fits)."""
+    from recipes.codec.data import FrameBank
+    from recipes.codec.run import fit_coders
+
+    torch.manual_seed(0)
+    model = CMRL(2, frame_len=FRAME, wide=16, narrow=8, blocks=1)
+    codec = SpeechCodec(model, None, overlap=16, sample_rate=16000)
+    bank = FrameBank.__new__(FrameBank)
+    bank.frames = _frames(torch.Generator().manual_seed(3), 512)
+    cps = codec.codes_per_second
+    free = fit_coders(codec, bank, None, frames=512)
+    assert all(r["rate_tradeoff"] == 0.0 for r in free)
+    budgets = [0.6 * free[0]["bitrate"], 10 * free[1]["bitrate"] + cps]
+    trimmed = fit_coders(codec, bank, budgets, frames=512)
+    assert trimmed[0]["rate_tradeoff"] > 0 and 0.95 * budgets[0] <= trimmed[0]["bitrate"] <= budgets[0] * (1 + 1e-6)
+    assert trimmed[1]["rate_tradeoff"] == 0.0
+    # module 1 over its own budget, but module 0 leaves more than enough unused: no trim
+    over = [10 * free[0]["bitrate"], 0.5 * trimmed[1]["bitrate"]]
+    spared = fit_coders(codec, bank, over, frames=512)
+    assert spared[0]["rate_tradeoff"] == 0.0 and spared[1]["rate_tradeoff"] == 0.0
+    # with no slack, the same module-1 budget trims it
+    tight = fit_coders(codec, bank, [free[0]["bitrate"] * 1.0001, over[1]], frames=512)
+    assert tight[1]["rate_tradeoff"] > 0 and tight[1]["bitrate"] <= over[1] * (1 + 1e-6)

@@ -173,20 +173,46 @@ def train_stage(codec: SpeechCodec, bank: FrameBank, loss: CodecLoss, cfg: DictC
 
 
 @torch.no_grad()
-def refresh_code_probs(codec: SpeechCodec, bank: FrameBank, frames: int = 16384, batch: int = 256) -> None:
-    """Set every quantizer's coder distribution from the hard codes of (up to) ``frames`` training frames."""
+def fit_coders(codec: SpeechCodec, bank: FrameBank, budgets: list[float] | None, frames: int = 16384,
+               batch: int = 256) -> list[dict[str, float]]:
+    """Fit every module's coder (``code_probs``, and the rate trim μ) on (up to) ``frames`` training frames.
+
+    Module by module, each on the residual the (already fitted) modules before it leave at inference. With
+    ``budgets`` (bit/s per module, ``loss.trim_rate``), a module whose codes cost more than its budget plus what
+    the modules before it left unused is trimmed to it (:meth:`SoftToHardQuantizer.fit_coder`): training lands
+    a rate within the controller's oscillation, the trim takes the excess off (design §9). Returns per module
+    ``{"bitrate_untrimmed", "bitrate", "rate_tradeoff"}`` (bit/s on these frames).
+    """
     model = codec.model
     model.eval()
-    counts = [torch.zeros(s.quantizer.num_centroids) for s in model.stages]
     step = max(1, len(bank) // frames)
     picked = bank.frames[::step][:frames]
     device = next(model.parameters()).device
-    for i in range(0, picked.shape[0], batch):
-        view = codec.training_view(picked[i:i + batch].to(device))
-        for m, (stage, idx) in enumerate(zip(model.stages, model.encode(view["input"]))):
-            counts[m] += stage.quantizer.count_codes(idx).cpu()
-    for stage, c in zip(model.stages, counts):
-        stage.quantizer.set_code_probs(c)
+    residual = torch.cat([codec.training_view(picked[i:i + batch].to(device))["input"] for i in range(0, picked.shape[0], batch)])
+    cps, slack, report = codec.codes_per_second, 0.0, []
+    for m, stage in enumerate(model.stages):
+        values = torch.cat([torch.tanh(stage.encoder(part)) for part in residual.split(batch)])  # [N, code_len]
+        untrimmed = stage.quantizer.fit_coder(values, None) * cps
+        cap = None if budgets is None else budgets[m] + slack
+        bits = stage.quantizer.fit_coder(values, None if cap is None else cap / cps) * cps
+        slack = 0.0 if cap is None else max(0.0, cap - bits)
+        report.append({"bitrate_untrimmed": untrimmed, "bitrate": bits, "rate_tradeoff": float(stage.quantizer.rate_tradeoff)})
+        if m + 1 < len(model.stages):
+            decoded = torch.cat([stage.decoder(stage.quantizer.dequantize(stage.quantizer.indices(v))) for v in values.split(batch)])
+            residual = residual - decoded
+    return report
+
+
+def _fit_and_report(job: "Job", ctx: RunContext, tag: str) -> None:
+    """:func:`fit_coders` after a stage, with ``loss.trim_rate``'s budgets; logged and in TensorBoard."""
+    budgets = list(job.loss.budget_targets) if job.loss_cfg.trim_rate else None
+    report = fit_coders(job.codec, job.bank, budgets)
+    for m, r in enumerate(report):
+        if ctx.main_rank:
+            print(f"{tag} coder m{m}: {r['bitrate_untrimmed'] / 1000:.2f} -> {r['bitrate'] / 1000:.2f} kbit/s on training frames "
+                  f"(rate trim mu={r['rate_tradeoff']:.2e})", flush=True)
+            ctx.writer.add_scalar(f"rate/trim_m{m}", r["rate_tradeoff"], job.step)
+            ctx.writer.add_scalar(f"rate/untrimmed_m{m}", r["bitrate_untrimmed"], job.step)
 
 
 def _entropy_bits(counts: torch.Tensor) -> float:
@@ -326,7 +352,7 @@ def dense_stage(ctx: RunContext, job: Job) -> dict[str, float]:
         job.train(ctx, params=model.stages[m].parameters(), lr=tc.greedy_lr or tc.lr, epochs=tc.greedy_epochs,
                   stage=f"greedy_m{m}", upto=m + 1, train_only=m)
     job.train(ctx, params=model.parameters(), lr=tc.lr, epochs=tc.epochs, stage="joint")  # phase 2: all together
-    refresh_code_probs(job.codec, job.bank)
+    _fit_and_report(job, ctx, "dense")
     job.train_seconds = time.perf_counter() - t0
     if not ctx.main_rank:  # the other ranks wait in the next collective (or at the final barrier)
         return {}
@@ -356,7 +382,7 @@ def prune_stage(ctx: RunContext, job: Job, metrics: dict) -> None:
                   f"{metrics['oneshot_frame_snr']:.2f} dB before fine-tuning ({report['seconds']:.1f}s pruning)", flush=True)
     job.train(ctx, params=None, lr=p["finetune_lr"], epochs=p["finetune_epochs"], stage="finetune", pruner=pruner,
               optimizer=opt, warmup=p["finetune_warmup_steps"])
-    refresh_code_probs(codec, job.bank)  # the coder's distribution must describe the pruned model's codes
+    _fit_and_report(job, ctx, "pruned")  # the coder's distribution must describe the pruned model's codes
     finish_pruning(ctx, pruner, metrics, time.perf_counter() - t0)
 
 
