@@ -55,8 +55,10 @@ def main() -> None:
         row = {"target": target, "rate_tradeoff": [r["rate_tradeoff"] for r in fitted],
                "train_bitrate": [r["bitrate"] for r in fitted], **scores, "seconds": time.perf_counter() - t0}
         rows.append(row)
-        print(f"target {'none' if target is None else f'{target / 1000:.1f}k'}: real {scores['bitrate_real'] / 1000:.2f} kbit/s "
-              f"(m: {' / '.join(f'{scores[f'bitrate_m{m}'] / 1000:.2f}' for m in range(count))}), PESQ-WB {scores['pesq']:.3f}, "
+        label = "none" if target is None else f"{target / 1000:.1f}k"
+        modules = " / ".join(f"{scores[key] / 1000:.2f}" for key in (f"bitrate_m{m}" for m in range(count)))
+        print(f"target {label}: real {scores['bitrate_real'] / 1000:.2f} kbit/s "
+              f"(m: {modules}), PESQ-WB {scores['pesq']:.3f}, "
               f"SNR {scores['snr']:.2f} dB, segSNR {scores['segsnr']:.2f}, STOI {scores['stoi']:.3f}, "
               f"mu {', '.join(f'{mu:.2e}' for mu in row['rate_tradeoff'])}", flush=True)
     if args.out:
