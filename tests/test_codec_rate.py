@@ -303,10 +303,11 @@ def test_a_trimmed_quantizer_assigns_nearest_in_training_and_loads_old_checkpoin
     assert float(fresh.rate_tradeoff) == 0.0 and torch.equal(fresh.indices(values), nearest)
 
 
-def test_fit_coders_trims_each_module_to_its_budget_and_passes_slack_on(single_thread):
-    """On a tiny untrained 2-module codec: with budgets at 60% of module 0's rate and far above module 1's, module 0 is
-    trimmed to its budget and module 1, under its budget plus nothing left over, stays untrimmed; with module 0's budget
-    loose, its slack raises module 1's cap (so module 1 is never trimmed when the total fits)."""
+def test_fit_coders_lands_the_total_and_gives_unused_budget_to_the_others(single_thread):
+    """On a tiny untrained 2-module codec, with rates R0, R1 untrimmed:
+    - budgets (0.6·R0, R1): module 0 is trimmed to 0.6·R0 and the total lands within 2% under the sum;
+    - budgets (0.6·R0, R1 + 0.2·R0): module 1 cannot use 0.2·R0 of its budget, so module 0 gets it (0.8·R0);
+    - budgets (1.0001·R0, 0.5·R1): module 0 untrimmed, module 1 trimmed to what is left."""
     from recipes.codec.data import FrameBank
     from recipes.codec.run import fit_coders
 
@@ -315,17 +316,18 @@ def test_fit_coders_trims_each_module_to_its_budget_and_passes_slack_on(single_t
     codec = SpeechCodec(model, None, overlap=16, sample_rate=16000)
     bank = FrameBank.__new__(FrameBank)
     bank.frames = _frames(torch.Generator().manual_seed(3), 512)
-    cps = codec.codes_per_second
     free = fit_coders(codec, bank, None, frames=512)
     assert all(r["rate_tradeoff"] == 0.0 for r in free)
-    budgets = [0.6 * free[0]["bitrate"], 10 * free[1]["bitrate"] + cps]
-    trimmed = fit_coders(codec, bank, budgets, frames=512)
-    assert trimmed[0]["rate_tradeoff"] > 0 and 0.95 * budgets[0] <= trimmed[0]["bitrate"] <= budgets[0] * (1 + 1e-6)
-    assert trimmed[1]["rate_tradeoff"] == 0.0
-    # module 1 over its own budget, but module 0 leaves more than enough unused: no trim
-    over = [10 * free[0]["bitrate"], 0.5 * trimmed[1]["bitrate"]]
-    spared = fit_coders(codec, bank, over, frames=512)
-    assert spared[0]["rate_tradeoff"] == 0.0 and spared[1]["rate_tradeoff"] == 0.0
-    # with no slack, the same module-1 budget trims it
-    tight = fit_coders(codec, bank, [free[0]["bitrate"] * 1.0001, over[1]], frames=512)
-    assert tight[1]["rate_tradeoff"] > 0 and tight[1]["bitrate"] <= over[1] * (1 + 1e-6)
+    r0, r1 = free[0]["bitrate"], free[1]["bitrate"]
+
+    def total(report):
+        return sum(r["bitrate"] for r in report)
+
+    shared = fit_coders(codec, bank, [0.6 * r0, r1], frames=512)
+    assert shared[0]["rate_tradeoff"] > 0 and 0.97 * 0.6 * r0 <= shared[0]["bitrate"] <= 0.6 * r0 * (1 + 1e-6)
+    assert 0.98 * (0.6 * r0 + r1) <= total(shared) <= (0.6 * r0 + r1) * (1 + 1e-6)
+    spare = fit_coders(codec, bank, [0.6 * r0, r1 + 0.2 * r0], frames=512)
+    assert 0.97 * 0.8 * r0 <= spare[0]["bitrate"] <= 0.8 * r0 * (1 + 1e-6)
+    tight = fit_coders(codec, bank, [1.0001 * r0, 0.5 * r1], frames=512)
+    assert tight[0]["rate_tradeoff"] == 0.0 and tight[1]["rate_tradeoff"] > 0
+    assert total(tight) <= (1.0001 * r0 + 0.5 * r1) * (1 + 1e-6)

@@ -178,25 +178,32 @@ def fit_coders(codec: SpeechCodec, bank: FrameBank, budgets: list[float] | None,
     """Fit every module's coder (``code_probs``, and the rate trim μ) on (up to) ``frames`` training frames.
 
     Module by module, each on the residual the (already fitted) modules before it leave at inference. With
-    ``budgets`` (bit/s per module, ``loss.trim_rate``), a module whose codes cost more than its budget plus what
-    the modules before it left unused is trimmed to it (:meth:`SoftToHardQuantizer.fit_coder`): training lands
-    a rate within the controller's oscillation, the trim takes the excess off (design §9). Returns per module
-    ``{"bitrate_untrimmed", "bitrate", "rate_tradeoff"}`` (bit/s on these frames).
+    ``budgets`` (bit/s per module, ``loss.trim_rate``), module m is trimmed (:meth:`SoftToHardQuantizer.fit_coder`)
+    to the total budget less what the modules before it now spend and what the later ones will:
+    ``cap_m = Σ budgets − Σ_{j<m} bits_j − Σ_{j>m} min(budget_j, untrimmed_j)``. So each module keeps its share,
+    except that bits a module cannot use (under its budget untrimmed) go to the others, as ``loss.spill`` gives
+    them in training, and the total lands. Training lands a rate within the controller's oscillation; the trim
+    takes the excess off (design §9). Returns per module ``{"bitrate_untrimmed", "bitrate", "rate_tradeoff"}``
+    (bit/s on these frames).
     """
+    if budgets is not None:
+        untrimmed = [r["bitrate"] for r in fit_coders(codec, bank, None, frames, batch)]
     model = codec.model
     model.eval()
     step = max(1, len(bank) // frames)
     picked = bank.frames[::step][:frames]
     device = next(model.parameters()).device
     residual = torch.cat([codec.training_view(picked[i:i + batch].to(device))["input"] for i in range(0, picked.shape[0], batch)])
-    cps, slack, report = codec.codes_per_second, 0.0, []
+    cps, spent, report = codec.codes_per_second, 0.0, []
     for m, stage in enumerate(model.stages):
         values = torch.cat([torch.tanh(stage.encoder(part)) for part in residual.split(batch)])  # [N, code_len]
-        untrimmed = stage.quantizer.fit_coder(values, None) * cps
-        cap = None if budgets is None else budgets[m] + slack
-        bits = stage.quantizer.fit_coder(values, None if cap is None else cap / cps) * cps
-        slack = 0.0 if cap is None else max(0.0, cap - bits)
-        report.append({"bitrate_untrimmed": untrimmed, "bitrate": bits, "rate_tradeoff": float(stage.quantizer.rate_tradeoff)})
+        free = stage.quantizer.fit_coder(values, None) * cps
+        bits = free
+        if budgets is not None:
+            cap = sum(budgets) - spent - sum(min(b, r) for b, r in zip(budgets[m + 1:], untrimmed[m + 1:]))
+            bits = stage.quantizer.fit_coder(values, cap / cps) * cps
+        spent += bits
+        report.append({"bitrate_untrimmed": free, "bitrate": bits, "rate_tradeoff": float(stage.quantizer.rate_tradeoff)})
         if m + 1 < len(model.stages):
             decoded = torch.cat([stage.decoder(stage.quantizer.dequantize(stage.quantizer.indices(v))) for v in values.split(batch)])
             residual = residual - decoded
