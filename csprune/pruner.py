@@ -164,11 +164,12 @@ class Pruner:
         self._update_collecting()
         return report
 
+    def _pattern_level(self, level: float) -> float:
+        """An N:M pattern prunes to 1 − N/M whatever the schedule says, once it prunes at all."""
+        return 1.0 - self.pattern[0] / self.pattern[1] if self.pattern and level > 0 else level
+
     def _target_level(self, step: int) -> float:
-        level = self.schedule.sparsity_at(step)
-        if self.pattern and level > 0:
-            level = 1.0 - self.pattern[0] / self.pattern[1]
-        return level
+        return self._pattern_level(self.schedule.sparsity_at(step))
 
     def _update_collecting(self) -> None:
         """Observe inputs only during the ``stats_steps`` forward passes before a pruning step."""
@@ -180,10 +181,7 @@ class Pruner:
 
     def _is_final(self, level: float) -> bool:
         """Whether an update to ``level`` reaches the schedule's final sparsity."""
-        final = self.schedule.final_sparsity
-        if self.pattern and final > 0:
-            final = 1.0 - self.pattern[0] / self.pattern[1]
-        return level >= final - 1e-9
+        return level >= self._pattern_level(self.schedule.final_sparsity) - 1e-9
 
     def enforce(self) -> None:
         """Zero pruned weights and their optimizer state (idempotent)."""
