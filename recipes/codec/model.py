@@ -189,7 +189,7 @@ class SoftToHardQuantizer(nn.Module):
         entropy-constrained choice ``argmin_k (x − c_k)² − μ·log2 q_k`` (q: ``code_probs``, μ: ``rate_tradeoff``),
         which is the nearest centroid when μ = 0."""
         cost = (x.unsqueeze(-1) - self.levels()) ** 2
-        if not self.training and float(self.rate_tradeoff) > 0:
+        if not self.training:  # μ = 0 adds exact zeros: no host sync on μ's value (a GPU would stall on it)
             cost = cost - self.rate_tradeoff * torch.log2(self.code_probs.clamp_min(1e-12))
         return cost.argmin(dim=-1)
 
