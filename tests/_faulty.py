@@ -17,10 +17,11 @@ sys.path.insert(0, os.environ["CSPRUNE_REPO"])
 import torch  # noqa: E402
 
 import csprune  # noqa: E402
+import csprune.train.checkpoint as checkpoints  # noqa: E402  (training checkpoints are written through it)
 from recipes.asr import run as recipe  # noqa: E402
 
 at, fault = int(os.environ["FAULT_AT"]), os.environ["FAULT"]
-original_save, original_loss, original_export = recipe.save_checkpoint, recipe._loss, csprune.save_sparse
+original_save, original_loss, original_export = checkpoints.save_checkpoint, recipe._loss, csprune.save_sparse
 
 
 def no_more_bytes() -> None:
@@ -65,7 +66,7 @@ def save_sparse(*args, **kwargs):
     return original_export(*args, **kwargs)
 
 
-recipe.save_checkpoint, recipe._loss, csprune.save_sparse = save_checkpoint, _loss, save_sparse
+checkpoints.save_checkpoint, recipe._loss, csprune.save_sparse = save_checkpoint, _loss, save_sparse
 import hydra  # noqa: E402
 
 hydra.main(config_path=os.path.join(os.environ["CSPRUNE_REPO"], "conf"), config_name="asr", version_base="1.3")(recipe.main.__wrapped__)()  # the recipe's own main, unwrapped

@@ -20,7 +20,7 @@ import torch
 from ..atomic import atomic_write
 from ..errors import CheckpointError, CheckpointNotFound, ConfigError, CsPruneError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "check_compatible", "rng_state", "rng_state_full", "set_rng_state",
+__all__ = ["RESUME_FREE_TRAINER", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "check_compatible", "rng_state", "rng_state_full", "set_rng_state",
            "FORMAT", "FORMAT_VERSION", "CheckpointMismatch",
            "compat_record", "find_resume"]
 
@@ -29,6 +29,9 @@ log = logging.getLogger("csprune")
 FORMAT_NAME = "csprune-train-ckpt"
 FORMAT_VERSION = 1  # bump when the layout of a training checkpoint changes incompatibly
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+# trainer keys of both recipes that do not change the training trajectory: a checkpoint stays valid when they
+# change (micro_batches: the shard count, DDP ranks x micro-batches, is checked instead; see compat_record).
+RESUME_FREE_TRAINER = ("resume", "checkpoint_every", "keep_last", "threads", "device", "log_every", "micro_batches", "max_bad_steps")
 _STEP_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 _TEMP_NAME = re.compile(r"^\..+\.tmp$")
 

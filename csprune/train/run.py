@@ -15,9 +15,10 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..pruner import Pruner
 
-__all__ = ["calibrate", "seed_everything", "write_json", "launch", "RunContext", "start_run", "saved_so_far", "prune_oneshot",
+__all__ = ["calibrate", "seed_everything", "write_json", "launch", "RunContext", "start_run", "check_checkpointing", "training_saver", "saved_so_far", "prune_oneshot",
            "finish_pruning", "export_run"]
 
 
@@ -147,6 +148,39 @@ def start_run(cfg: Any, config: dict, run_dir: Path) -> RunContext:
         tblog.log_config(writer, config)
     seed_everything(cfg.seed)
     return RunContext(cfg, config, prune, run_dir, rank, world, device, writer, wall_start, started_at)
+
+
+def check_checkpointing(tc: Any) -> None:
+    """Training-checkpoint settings a run cannot start with (``trainer.checkpoint_every``, ``trainer.keep_last``), named."""
+    if tc.checkpoint_every < 0 or tc.keep_last < 1:
+        raise ConfigError(f"trainer.checkpoint_every={tc.checkpoint_every} / trainer.keep_last={tc.keep_last}: "
+                          f"need checkpoint_every >= 0 and keep_last >= 1")
+
+
+def training_saver(ctx: RunContext, stage: str, model: torch.nn.Module, compat: dict,
+                   extra: Mapping[str, Any]) -> Callable[[dict], None]:
+    """``fit``'s save callback for one stage: the whole training state (rank 0 only).
+
+    Writes ``run_dir/checkpoints/ckpt-<step>.pt`` every ``trainer.checkpoint_every`` steps, and always on
+    SIGTERM, keeping the newest ``trainer.keep_last``.
+
+    Args:
+        stage: the stage name recorded (what a resume continues).
+        model: the unwrapped module whose state_dict is saved.
+        compat: :func:`csprune.train.checkpoint.compat_record` of the run (checked on resume).
+        extra: more entries of the checkpoint; a callable value is called at save time (``optimizer.state_dict``).
+    """
+    from .checkpoint import save_checkpoint
+
+    tc = ctx.cfg.trainer
+
+    def save(progress: dict) -> None:
+        if not ctx.main_rank or not (tc.checkpoint_every or progress.get("preempted")):  # SIGTERM always checkpoints
+            return
+        payload = {"stage": stage, "progress": progress, "model": model.state_dict(), "compat": compat}
+        payload.update({k: (v() if callable(v) else v) for k, v in extra.items()})
+        save_checkpoint(payload, ctx.run_dir / "checkpoints" / f"ckpt-{progress['step']:08d}.pt", keep_last=tc.keep_last)
+    return save
 
 
 def saved_so_far(ctx: RunContext) -> str:

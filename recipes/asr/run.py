@@ -27,11 +27,12 @@ import csprune
 from csprune.errors import CheckpointError, ConfigError
 from csprune.progress import progress
 from csprune.train.an4 import read_audio
-from csprune.train.checkpoint import check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
+from csprune.train.checkpoint import RESUME_FREE_TRAINER, check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
 from csprune.train.config import build_pruner
 from csprune.train.ddp import check_weights_agree, wrap_ddp
 from csprune.train.loop import fit, fit_config, warmup_cosine
-from csprune.train.run import RunContext, export_run, finish_pruning, launch, load_export, prune_oneshot, saved_so_far, start_run
+from csprune.train.run import (RunContext, check_checkpointing, export_run, finish_pruning, launch, load_export, prune_oneshot,
+                               saved_so_far, start_run, training_saver)
 from recipes.hydra_run import run_dir
 from recipes.asr.config import register_configs
 from recipes.asr.data import ASRBatch, AN4Dataset, LengthBucketBatchSampler, collate_asr, default_an4_root, read_an4_split
@@ -169,7 +170,7 @@ def _loss(device):
 # Config keys that do not change the training trajectory: a checkpoint stays valid when they change.
 # trainer.micro_batches is free because the shard count (DDP ranks x micro-batches) is checked instead:
 # 2 ranks resumed as 1 process with micro_batches=2 compute the same steps.
-RESUME_FREE = {"trainer": ("resume", "checkpoint_every", "keep_last", "threads", "device", "log_every", "micro_batches", "max_bad_steps"),
+RESUME_FREE = {"trainer": RESUME_FREE_TRAINER,
                "data": ("root", "cache_dir"), "": ("output_dir", "mode", "ckpt", "input", "streaming", "deploy")}
 
 
@@ -190,17 +191,8 @@ class Job:
     train_seconds: float = 0.0
 
     def saver(self, ctx: RunContext, stage: str, extra: dict):
-        """``fit``'s save callback: the whole training state, from the unwrapped module (rank 0 only)."""
-        tc = ctx.cfg.trainer
-
-        def save(progress: dict) -> None:
-            if not ctx.main_rank or not (tc.checkpoint_every or progress.get("preempted")):  # SIGTERM always checkpoints
-                return
-            payload = {"stage": stage, "progress": progress, "model": self.model.state_dict(), "compat": self.compat,
-                       "data": self.data.state_dict()}
-            payload.update({k: (v() if callable(v) else v) for k, v in extra.items()})
-            save_checkpoint(payload, ctx.run_dir / "checkpoints" / f"ckpt-{progress['step']:08d}.pt", keep_last=tc.keep_last)
-        return save
+        """``fit``'s save callback: the whole training state, the data pipeline's included."""
+        return training_saver(ctx, stage, self.model, self.compat, {"data": self.data.state_dict, **extra})
 
     def fit(self, ctx: RunContext, optimizer, scheduler, epochs: int, stage: str, save, resume, pruner=None) -> None:
         trained = wrap_ddp(self.model, ctx.world, ctx.device)  # after any pruner's parametrizations exist
@@ -210,13 +202,6 @@ class Job:
 
     def evaluate(self, ctx: RunContext) -> dict[str, float]:
         return evaluate(self.model, self.data.test_batches(), self.vocab, ctx.device)
-
-
-def check_trainer(tc) -> None:
-    """Trainer settings the run cannot start with, named."""
-    if tc.checkpoint_every < 0 or tc.keep_last < 1:
-        raise ConfigError(f"trainer.checkpoint_every={tc.checkpoint_every} / trainer.keep_last={tc.keep_last}: "
-                          f"need checkpoint_every >= 0 and keep_last >= 1")
 
 
 def prepare(ctx: RunContext) -> Job:
@@ -336,7 +321,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return {"transcript": transcribe(cfg)}
     if cfg.mode != "train":
         raise ConfigError(f"mode={cfg.mode!r}: expected train or transcribe")
-    check_trainer(cfg.trainer)
+    check_checkpointing(cfg.trainer)
     ctx = start_run(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir(cfg, "outputs/asr/manual"))
     job = prepare(ctx)
     dense = dense_stage(ctx, job)

@@ -69,6 +69,10 @@ class CodecTrainerConfig:
     threads: Optional[int] = None  # torch CPU threads; None: torch's default
     micro_batches: int = 1  # shards per rank of each global batch, gradients accumulated (1 process x N == N DDP ranks)
     max_bad_steps: int = 0  # non-finite loss/gradient steps skipped per stage before stopping (0: a NaN stops the run at once)
+    checkpoint_every: int = 0  # optimizer steps between training checkpoints (0: none; SIGTERM always writes one):
+    #   trainer=codec_cpu takes 2-3 h, so a run that is stopped continues with trainer.resume=auto
+    keep_last: int = 3  # newest training checkpoints kept: enough to survive a corrupt newest one
+    resume: str = "false"  # false | true (newest valid checkpoint in output_dir/checkpoints, error if none) | auto (resume if any)
 
 
 @dataclass

@@ -257,6 +257,23 @@ class CodecLoss(nn.Module):
                 spare += max(0.0, self.budget_targets[m] - ema)
         self.module_bitrate_targets[0] = self.budget_targets[0] + spare
 
+    def controller_state(self) -> dict:
+        """The rate controller's whole state, for a training checkpoint: λ and the last error (the buffers), the
+        smoothed rates, the floor counters and the targets (module 0's moves with spill)."""
+        return {"rate_weight": self.rate_weight.detach().cpu().clone(), "rate_error": self.rate_error.detach().cpu().clone(),
+                "rate_ema": list(self.rate_ema), "below": list(self._below), "cooldown": list(self._cooldown),
+                "targets": list(self.module_bitrate_targets)}
+
+    def load_controller_state(self, state: dict) -> None:
+        """Restore :meth:`controller_state` (a resumed run then moves λ exactly as the uninterrupted one)."""
+        if len(state["targets"]) != len(self.module_bitrate_targets):
+            raise ValueError(f"rate controller state for {len(state['targets'])} modules, this loss has {len(self.module_bitrate_targets)}")
+        self.rate_weight.copy_(state["rate_weight"])
+        self.rate_error.copy_(state["rate_error"])
+        self.rate_ema = list(state["rate_ema"])
+        self._below, self._cooldown = list(state["below"]), list(state["cooldown"])
+        self.module_bitrate_targets = list(state["targets"])
+
     def respread_done(self, m: int) -> None:
         """Module m's centroids were re-spread: drop the penalty that pushed it through its floor
         (λ_m ← min(λ_m, 0), no proportional term) and restart its smoothed rate from the next step."""

@@ -33,11 +33,12 @@ import csprune
 from csprune.errors import CheckpointError, ConfigError
 from csprune.progress import progress
 from csprune.train.an4 import AN4_SAMPLE_RATE, default_an4_root, read_an4_split, read_audio
-from csprune.train.checkpoint import load_checkpoint, save_checkpoint
+from csprune.train.checkpoint import RESUME_FREE_TRAINER, check_compatible, compat_record, find_resume, load_checkpoint, save_checkpoint
 from csprune.train.config import build_pruner
 from csprune.train.ddp import check_weights_agree, wrap_ddp
 from csprune.train.loop import fit, fit_config, warmup_cosine
-from csprune.train.run import RunContext, export_run, finish_pruning, launch, load_export, prune_oneshot, saved_so_far, start_run
+from csprune.train.run import (RunContext, check_checkpointing, export_run, finish_pruning, launch, load_export, prune_oneshot,
+                               saved_so_far, start_run, training_saver)
 from recipes.hydra_run import run_dir
 from recipes.codec.codec import CodedUtterance, SpeechCodec
 from recipes.codec.config import register_configs
@@ -52,6 +53,11 @@ DEFAULT_TARGETS = ["*.stage1.*", "*.stage2.*", "*.down", "*.up"]
 log = logging.getLogger("csprune.codec")
 
 SAMPLE_RATE = AN4_SAMPLE_RATE  # 16 kHz: AN4, and the rate the model is built for
+
+
+# Config keys that do not change the training trajectory: a training checkpoint stays valid when they change.
+RESUME_FREE = {"trainer": RESUME_FREE_TRAINER, "data": ("root", "eval_batch_size", "audio_samples"),
+               "": ("output_dir", "mode", "ckpt", "input", "output", "deploy", "export_int8")}
 
 
 def build_codec(model_cfg: dict, lpc_cfg: dict | None) -> SpeechCodec:
@@ -147,19 +153,31 @@ def shard_batches(batches: list[torch.Tensor], rank: int, world: int, micro: int
 def train_stage(codec: SpeechCodec, bank: FrameBank, loss: CodecLoss, cfg: DictConfig, *, params, lr: float, epochs: int,
                 stage: str, step: int, writer, generator: torch.Generator, upto: int | None = None,
                 train_only: int | None = None, pruner=None, optimizer=None, warmup: int | None = None,
-                rank: int = 0, world: int = 1) -> int:
+                rank: int = 0, world: int = 1, saver: Callable[[str, dict], Callable[[dict], None]] | None = None,
+                state: dict | None = None) -> int:
     """One training stage (a greedy module, the joint phase, or fine-tuning under a pruner); returns the step after it.
 
     Under DDP every rank draws the same global batches (same generator) and trains on its shards of
     them; ``trainer.micro_batches`` cuts them the same way in one process.
+
+    ``saver(stage, extra)`` makes ``fit``'s checkpoint callback (None: no training checkpoints); this stage adds its
+    optimizer, LR schedule and the rate controller to ``extra``. ``state``, a training checkpoint of this stage,
+    continues it exactly from there (the caller has restored the model and the rate controller).
     """
     tc, d = cfg.trainer, cfg.data
     per_epoch = (d.frames_per_epoch or len(bank)) // d.batch_size or 1
     total = epochs * per_epoch if tc.max_steps is None else min(tc.max_steps, epochs * per_epoch)
     opt = optimizer if optimizer is not None else torch.optim.Adam(params, lr=lr, weight_decay=tc.weight_decay)
     sched = warmup_cosine(opt, tc.warmup_steps if warmup is None else warmup, max(total, 1))
+    progress = None
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_scheduler"])
+        progress = state["progress"]
+        step = progress["step"]
     count = None if d.frames_per_epoch is None else per_epoch
     step_fn = TrainStep(codec, bank, loss, upto, train_only, writer, stage, step, tc.log_every)
+    step_fn.applied_steps = progress["done"] if progress else 0
     step_fn.amp = bool(tc.get("amp", False))
     step_fn.respread_stop = respread_stop(stage, total, loss.cfg.respread_until)
     loss.train()  # the rate controller adapts λ only in training mode
@@ -168,8 +186,10 @@ def train_stage(codec: SpeechCodec, bank: FrameBank, loss: CodecLoss, cfg: DictC
     device = next(codec.model.parameters()).device
     # find_unused_parameters: a greedy stage leaves the other modules without gradient.
     trained = wrap_ddp(codec.model, world, device, forward="model", find_unused_parameters=train_only is not None)
+    save = None if saver is None else saver(stage, {"optimizer": opt.state_dict, "lr_scheduler": sched.state_dict,
+                                                    "loss": loss.controller_state})
     return fit(trained, batches, step_fn, opt, sched, fit_config(cfg, epochs, stage), pruner=pruner, writer=writer, step=step,
-               on_step=step_fn.after_step)
+               on_step=step_fn.after_step, save=save, resume=progress, data_rng=(generator.get_state, generator.set_state))
 
 
 @torch.no_grad()
@@ -305,12 +325,19 @@ class Job:
     params: int
     init: dict | None
     generator: torch.Generator
+    compat: dict  # what a training checkpoint must match to be resumed
+    state: dict | None  # the training checkpoint resumed from
     step: int = 0
     train_seconds: float = 0.0
 
-    def train(self, ctx: RunContext, **stage) -> None:
+    def train(self, ctx: RunContext, extra: dict, state: dict | None = None, **stage) -> None:
+        """One stage through :func:`train_stage`, with training checkpoints holding ``extra`` too; ``state``:
+        the checkpoint of this stage to continue from."""
+        def saver(name: str, stage_extra: dict) -> Callable[[dict], None]:
+            return training_saver(ctx, name, self.codec.model, self.compat, {**extra, **stage_extra})
+
         self.step = train_stage(self.codec, self.bank, self.loss, ctx.cfg, step=self.step, writer=ctx.writer,
-                                generator=self.generator, rank=ctx.rank, world=ctx.world, **stage)
+                                generator=self.generator, rank=ctx.rank, world=ctx.world, saver=saver, state=state, **stage)
 
     def evaluate(self, ctx: RunContext, prefix: str) -> dict[str, float]:
         return evaluate(self.codec, self.test_utts, self.test_waves, ctx.writer, self.step, prefix, ctx.cfg.data.audio_samples)
@@ -341,8 +368,16 @@ def prepare(ctx: RunContext) -> Job:
     loss = CodecLoss(loss_cfg, codec.model.num_modules, codec.codes_per_second, codec.frame_len, SAMPLE_RATE,
                      codec.side_bits_per_second).to(ctx.device)
     test_frames = torch.cat([codec.signal_frames(w) for w in test_waves])[::8]
+    compat = compat_record(ctx.config, codec.model, model_cfg, RESUME_FREE, shards=ctx.world * cfg.trainer.micro_batches)
+    resumed = find_resume(cfg.trainer.resume, ctx.run_dir / "checkpoints")
+    state = None
+    if resumed is not None:
+        check_compatible(resumed[1], compat, resumed[0])
+        state = resumed[1]
+        if ctx.main_rank:
+            print(f"resuming from {resumed[0]} (stage {state['stage']}, step {state['progress']['step']})", flush=True)
     return Job(codec, loss, loss_cfg, bank, test_utts, test_waves, test_frames, model_cfg, lpc_cfg, params, init,
-               torch.Generator().manual_seed(cfg.seed))
+               torch.Generator().manual_seed(cfg.seed), compat, state)
 
 
 def dense_stage(ctx: RunContext, job: Job) -> dict[str, float]:
@@ -354,11 +389,27 @@ def dense_stage(ctx: RunContext, job: Job) -> dict[str, float]:
             job.loss.rate_weight.copy_(job.init["rate_weight"])
         print(f"initialized from {cfg.init_from}: dense PESQ-WB {job.init['dense_metrics']['pesq']:.3f}", flush=True)
         return job.init["dense_metrics"]
-    t0 = time.perf_counter()
-    for m in range(model.num_modules):  # phase 1: greedy, module by module
-        job.train(ctx, params=model.stages[m].parameters(), lr=tc.greedy_lr or tc.lr, epochs=tc.greedy_epochs,
-                  stage=f"greedy_m{m}", upto=m + 1, train_only=m)
-    job.train(ctx, params=model.parameters(), lr=tc.lr, epochs=tc.epochs, stage="joint")  # phase 2: all together
+    state = job.state
+    if state is not None and state["stage"] == "finetune":  # stopped after dense.pt was written: fine-tuning resumes
+        model.load_state_dict(load_checkpoint(ctx.run_dir / "dense.pt")["model"])
+        job.train_seconds = state["train_seconds"]
+        return state["dense_metrics"]
+    # phase 1: greedy, module by module (each on the residual of the frozen ones before it); phase 2: all together
+    stages = [{"params": model.stages[m].parameters(), "lr": tc.greedy_lr or tc.lr, "epochs": tc.greedy_epochs,
+               "stage": f"greedy_m{m}", "upto": m + 1, "train_only": m} for m in range(model.num_modules)]
+    stages.append({"params": model.parameters(), "lr": tc.lr, "epochs": tc.epochs, "stage": "joint"})
+    first, before = 0, 0.0
+    if state is not None:
+        names = [s["stage"] for s in stages]
+        if state["stage"] not in names:
+            raise CheckpointError(ctx.run_dir / "checkpoints", f"a checkpoint of stage {state['stage']!r}; this run has {names}")
+        first, before = names.index(state["stage"]), state["train_seconds"]
+        model.load_state_dict(state["model"])
+        job.loss.load_controller_state(state["loss"])
+    t0 = time.perf_counter() - before
+    extra = {"train_seconds": lambda: time.perf_counter() - t0}
+    for i, stage in enumerate(stages[first:], start=first):
+        job.train(ctx, extra, state if i == first else None, **stage)
     _fit_and_report(job, ctx, "dense")
     job.train_seconds = time.perf_counter() - t0
     if not ctx.main_rank:  # the other ranks wait in the next collective (or at the final barrier)
@@ -370,14 +421,22 @@ def dense_stage(ctx: RunContext, job: Job) -> dict[str, float]:
     return dense
 
 
-def prune_stage(ctx: RunContext, job: Job, metrics: dict) -> None:
-    """Stage 3: prune (one-shot after calibration, or gradually) and fine-tune; a plain model after."""
+def prune_stage(ctx: RunContext, job: Job, metrics: dict, dense: dict) -> None:
+    """Stage 3: prune (one-shot after calibration, or gradually) and fine-tune, resumably; a plain model after."""
     p, cfg, d, codec = ctx.prune, ctx.cfg, ctx.cfg.data, job.codec
     per_epoch = (d.frames_per_epoch or len(job.bank)) // d.batch_size or 1
     opt = torch.optim.Adam(codec.model.parameters(), lr=p["finetune_lr"], weight_decay=cfg.trainer.weight_decay)
     pruner = build_pruner(codec.model, p, opt, 0, per_epoch, DEFAULT_TARGETS)
-    t0 = time.perf_counter()
-    if p["schedule"] == "oneshot":
+    state = job.state if job.state is not None and job.state["stage"] == "finetune" else None
+    before = 0.0
+    if state is not None:  # after build_pruner: the checkpoint holds the masked parametrizations
+        codec.model.load_state_dict(state["model"])
+        pruner.load_state_dict(state["pruner"])
+        job.loss.load_controller_state(state["loss"])
+        metrics.update(state["metrics"])
+        before = state["finetune_seconds"]
+    t0 = time.perf_counter() - before
+    if p["schedule"] == "oneshot" and state is None:
         calib = torch.Generator().manual_seed(cfg.seed + 1)  # clean training frames, hard-quantized as at inference
         frames = [job.bank.frames[torch.randint(len(job.bank), (d.batch_size,), generator=calib)] for _ in range(p["calib_batches"])]
         report = prune_oneshot(ctx, pruner, codec.model, frames,
@@ -387,7 +446,10 @@ def prune_stage(ctx: RunContext, job: Job, metrics: dict) -> None:
             ctx.writer.add_scalar("eval_oneshot/frame_snr", metrics["oneshot_frame_snr"], job.step)
             print(f"one-shot {p['method']} to {p['sparsity']}: frame SNR {metrics['dense_frame_snr']:.2f} -> "
                   f"{metrics['oneshot_frame_snr']:.2f} dB before fine-tuning ({report['seconds']:.1f}s pruning)", flush=True)
-    job.train(ctx, params=None, lr=p["finetune_lr"], epochs=p["finetune_epochs"], stage="finetune", pruner=pruner,
+    extra = {"pruner": pruner.state_dict, "dense_metrics": dense, "train_seconds": job.train_seconds,
+             "metrics": lambda: {k: v for k, v in metrics.items() if k.startswith("oneshot_")},
+             "finetune_seconds": lambda: time.perf_counter() - t0}
+    job.train(ctx, extra, state, params=None, lr=p["finetune_lr"], epochs=p["finetune_epochs"], stage="finetune", pruner=pruner,
               optimizer=opt, warmup=p["finetune_warmup_steps"])
     _fit_and_report(job, ctx, "pruned")  # the coder's distribution must describe the pruned model's codes
     finish_pruning(ctx, pruner, metrics, time.perf_counter() - t0)
@@ -439,6 +501,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return decode_file(cfg)
     if cfg.mode != "train":
         raise ConfigError(f"mode={cfg.mode!r}: expected train, encode or decode")
+    check_checkpointing(cfg.trainer)
     ctx = start_run(cfg, OmegaConf.to_container(cfg, resolve=True), run_dir(cfg, "outputs/codec/manual"))
     job = prepare(ctx)
     dense = dense_stage(ctx, job)
@@ -451,7 +514,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if ctx.main_rank:
         metrics["dense_frame_snr"] = frame_snr_db(job.codec, job.test_frames)  # the model as loaded, before any pruning
     if ctx.prune is not None:
-        prune_stage(ctx, job, metrics)
+        prune_stage(ctx, job, metrics, dense)
     check_weights_agree(job.codec.model, ctx.world, on_disk=saved_so_far(ctx))
     return export_stage(ctx, job, metrics, dense) if ctx.main_rank else metrics
 
