@@ -250,9 +250,9 @@ def fit(
                           "epoch_data_rng": epoch_data_rng, "data_rng": get_data_rng(), "rng": rng_state_full(),
                           "loss_total": total, "loss_count": count})
                 if stop and not finished:
-                    raise Preempted(step, f"{stage}: SIGTERM received; stopped after step {step} "
-                                          f"{'with a checkpoint written' if save is not None else 'without a checkpoint (none configured)'}; "
-                                          f"trainer.resume=auto continues from it")
+                    raise Preempted(step, f"{stage}: SIGTERM received; stopped after step {step} " + (
+                        "with a checkpoint written; trainer.resume=auto continues from it" if save is not None else
+                        "without a checkpoint (this caller passed no save callback): a rerun starts over"))
                 if max_steps is not None and done >= max_steps:
                     break
             if rank == 0:
